@@ -1,0 +1,143 @@
+"""Bi-Real Net models (Liu et al., ECCV 2018), exactly as the authors' PyTorch code builds them.
+
+`BiRealNet(stage_sizes=(4, 4, 4, 4))` is Bi-Real-18 (official `BiReal18_34/birealnet.py`):
+  stem conv 7×7/2 (real, no bias) → BN → max-pool 3×3/2 (no ReLU), four stages of `BiRealBlock`
+  (widths 64/128/256/512, stride 2 in the first block of stages 2–4), global average pool, Dense.
+`block="bottleneck"` gives Bi-Real-50/152 (official `BiReal_50/birealnet.py`).
+`stem="small"` swaps the stem for conv 3×3/1 → BN without max-pool, for 28–32 px images.
+`activation="hardtanh", kernel_quantizer=None` is the real-valued clip twin with the *same*
+parameter tree, used for the paper's two-step training.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bireal_jax.layers import (BiRealBlock, BiRealBottleneck, Downsample, QuantizerSpec,
+                               torch_default_init)
+
+SHORTCUTS = ("bireal", "resnet", "none")
+
+
+class BiRealNet(nn.Module):
+  """Bi-Real Net. Inputs NHWC float images, outputs float32 logits `[batch, num_classes]`.
+
+  Attributes:
+    stage_sizes: blocks per stage; for `block="basic"` each block is one binary 3×3 conv.
+    block: "basic" (Bi-Real-18/34) or "bottleneck" (Bi-Real-50/152).
+    num_classes: classifier width.
+    base_width: stem width (64 in the paper); stage widths double from it.
+    stem: "imagenet" (7×7/2 + max-pool) or "small" (3×3/1, no pool) for 28–32 px inputs.
+    activation: input quantizer of every binary conv ("approx_sign", "ste_sign", "hardtanh", ...).
+    kernel_quantizer: weight quantizer ("magnitude_aware", "official", "sign", None).
+    binary_kernel_init: init of binary kernels ("official" = U[0, 1e-3) as the authors' code).
+    shortcut: "bireal" (around every binary conv), "resnet" (every two convs), "none".
+    dtype: compute dtype (e.g. bfloat16); parameters stay in `param_dtype`.
+    bn_momentum, bn_epsilon: BatchNorm decay and epsilon (PyTorch momentum 0.1 == decay 0.9).
+    axis_name: mapped axis over which BatchNorm averages statistics (cross-replica BN).
+  """
+
+  stage_sizes: Sequence[int]
+  block: str = "basic"
+  num_classes: int = 1000
+  base_width: int = 64
+  stem: str = "imagenet"
+  activation: QuantizerSpec = "approx_sign"
+  kernel_quantizer: QuantizerSpec = "magnitude_aware"
+  binary_kernel_init: str = "official"
+  shortcut: str = "bireal"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+
+  def _check(self, x):
+    if self.block not in ("basic", "bottleneck"):
+      raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+    if self.stem not in ("imagenet", "small"):
+      raise ValueError(f"stem must be 'imagenet' or 'small', got {self.stem!r}")
+    if self.shortcut not in SHORTCUTS:
+      raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {self.shortcut!r}")
+    if self.shortcut != "bireal" and self.block != "basic":
+      raise ValueError(f"shortcut={self.shortcut!r} is only defined for block='basic'")
+    if x.ndim != 4:
+      raise ValueError(f"BiRealNet expects NHWC images of rank 4, got shape {tuple(x.shape)}")
+    if self.has_variable("params", "conv1"):
+      kernel = self.get_variable("params", "conv1")["kernel"]
+      if kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"input has {x.shape[-1]} channels but the parameters expect "
+                         f"{kernel.shape[2]} (conv1 kernel {tuple(kernel.shape)})")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    self._check(x)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype, param_dtype=self.param_dtype,
+                             axis_name=self.axis_name)
+    x = x.astype(self.dtype)
+    if self.stem == "imagenet":
+      x = nn.Conv(self.base_width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
+                  dtype=self.dtype, kernel_init=torch_default_init, name="conv1")(x)
+      x = norm(name="bn1")(x)
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = nn.Conv(self.base_width, (3, 3), (1, 1), padding=[(1, 1), (1, 1)], use_bias=False,
+                  dtype=self.dtype, kernel_init=torch_default_init, name="conv1")(x)
+      x = norm(name="bn1")(x)
+
+    common = dict(activation=self.activation, kernel_quantizer=self.kernel_quantizer,
+                  kernel_init=self.binary_kernel_init, norm=norm, dtype=self.dtype)
+    if self.block == "basic":
+      x = self._basic_stages(x, norm, common)
+    else:
+      x = self._bottleneck_stages(x, common)
+
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_default_init,
+                 bias_init=_torch_bias_init(x.shape[-1]), name="fc")(x)
+    return x.astype(jnp.float32)
+
+  def _basic_stages(self, x, norm, common):
+    for s, n in enumerate(self.stage_sizes):
+      width = self.base_width * 2**s
+      i = 0
+      while i < n:
+        stride = 2 if (s > 0 and i == 0) else 1
+        name = f"layer{s + 1}_{i}"
+        if self.shortcut == "bireal" or (self.shortcut == "resnet" and i == n - 1 and n % 2):
+          x = BiRealBlock(width, stride, **common, name=name)(x)
+          i += 1
+        elif self.shortcut == "resnet":  # plain 1-bit ResNet: one shortcut around two convs
+          inp = x
+          x = BiRealBlock(width, stride, shortcut=False, **common, name=name)(x)
+          x = BiRealBlock(width, 1, shortcut=False, **common, name=f"layer{s + 1}_{i + 1}")(x)
+          if stride != 1 or inp.shape[-1] != width:
+            inp = Downsample(width, stride, norm, self.dtype, name=f"{name}_downsample")(inp)
+          x = x + inp.astype(x.dtype)
+          i += 2
+        else:  # no shortcut at all
+          x = BiRealBlock(width, stride, shortcut=False, **common, name=name)(x)
+          i += 1
+    return x
+
+  def _bottleneck_stages(self, x, common):
+    x1 = x2 = x
+    k = 0
+    for s, n in enumerate(self.stage_sizes):
+      width = self.base_width * 4 * 2**s
+      for i in range(n):
+        x1, x2 = BiRealBottleneck(width, 2 if (s > 0 and i == 0) else 1, is_downsample=(i == 0),
+                                  is_first_block=(k == 0), **common, name=f"layers_{k}")(x1, x2)
+        k += 1
+    return x2
+
+
+def _torch_bias_init(fan_in: int):
+  bound = 1.0 / fan_in**0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
