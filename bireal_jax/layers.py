@@ -95,11 +95,14 @@ class BinaryConv(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"BinaryConv expects NHWC inputs of rank 4, got shape {x.shape}")
     in_features = x.shape[-1]
+    # Checked before `self.param`, whose own shape error does not say which input was wrong.
+    if self.has_variable("params", "kernel"):
+      existing = self.get_variable("params", "kernel")
+      if existing.shape[2] != in_features:
+        raise ValueError(f"input has {in_features} channels but kernel {tuple(existing.shape)} "
+                         f"expects {existing.shape[2]}")
     kernel = self.param("kernel", get_init(self.kernel_init), (*ks, in_features, self.features),
                         self.param_dtype)
-    if kernel.shape[2] != in_features:  # only reachable with externally supplied params
-      raise ValueError(f"input has {in_features} channels but kernel {kernel.shape} expects "
-                       f"{kernel.shape[2]}")
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
     in_q = quantizers.get(self.input_quantizer)
     k_q = quantizers.get(self.kernel_quantizer)
