@@ -160,10 +160,11 @@ class BiRealBlock(nn.Module):
   norm: Callable = nn.BatchNorm
   shortcut: bool = True
   dtype: Optional[Dtype] = None
+  padding: PaddingLike = 1  # of the 3×3 conv; "SAME" = TF/Keras 'same' (larq-zoo)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = BinaryConv(self.features, (3, 3), self.strides, padding=1,
+    y = BinaryConv(self.features, (3, 3), self.strides, padding=self.padding,
                    input_quantizer=self.activation, kernel_quantizer=self.kernel_quantizer,
                    kernel_init=self.kernel_init, dtype=self.dtype, name="binary_conv")(x)
     y = self.norm(name="bn1")(y)
@@ -193,12 +194,14 @@ class BiRealBottleneck(nn.Module):
   kernel_init: Union[str, Callable] = "official"
   norm: Callable = nn.BatchNorm
   dtype: Optional[Dtype] = None
+  padding: PaddingLike = 1  # of the 3×3 conv (1×1 convs need none); "SAME" = TF/Keras 'same'
 
   @nn.compact
   def __call__(self, x1: jax.Array, x2: jax.Array) -> Tuple[jax.Array, jax.Array]:
     mid = self.features // 4
     conv = lambda f, k, s, aq, kq, name: BinaryConv(  # noqa: E731
-        f, (k, k), s, padding=k // 2, input_quantizer=aq, kernel_quantizer=kq,
+        f, (k, k), s, padding=self.padding if k == 3 else 0, input_quantizer=aq,
+        kernel_quantizer=kq,
         kernel_init=self.kernel_init if kq is not None else torch_default_init,
         dtype=self.dtype, name=name)
     if self.is_first_block:

@@ -21,6 +21,7 @@ from bireal_jax.layers import (BiRealBlock, BiRealBottleneck, Downsample, Quanti
                                torch_default_init)
 
 SHORTCUTS = ("bireal", "resnet", "none")
+PADDINGS = ("torch", "same")
 
 
 class BiRealNet(nn.Module):
@@ -38,6 +39,9 @@ class BiRealNet(nn.Module):
     shortcut: "bireal" (around every binary conv), "resnet" (every two convs), "none".
     dtype: compute dtype (e.g. bfloat16); parameters stay in `param_dtype`.
     bn_momentum, bn_epsilon: BatchNorm decay and epsilon (PyTorch momentum 0.1 == decay 0.9).
+    padding: "torch" (official: stem conv pad 3, max-pool pad 1, 3×3 convs pad 1 on every side) or
+      "same" (TF/Keras 'same', as larq-zoo: with stride 2 on even sizes it pads only after, so
+      larq-zoo weights need it for identical outputs).
     axis_name: mapped axis over which BatchNorm averages statistics (cross-replica BN).
   """
 
@@ -55,12 +59,15 @@ class BiRealNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   axis_name: Optional[str] = None
+  padding: str = "torch"
 
   def _check(self, x):
     if self.block not in ("basic", "bottleneck"):
       raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
     if self.stem not in ("imagenet", "small"):
       raise ValueError(f"stem must be 'imagenet' or 'small', got {self.stem!r}")
+    if self.padding not in PADDINGS:
+      raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
     if self.shortcut not in SHORTCUTS:
       raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {self.shortcut!r}")
     if self.shortcut != "bireal" and self.block != "basic":
@@ -81,18 +88,22 @@ class BiRealNet(nn.Module):
                              dtype=self.dtype, param_dtype=self.param_dtype,
                              axis_name=self.axis_name)
     x = x.astype(self.dtype)
+    same = self.padding == "same"
     if self.stem == "imagenet":
-      x = nn.Conv(self.base_width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
-                  dtype=self.dtype, kernel_init=torch_default_init, name="conv1")(x)
+      x = nn.Conv(self.base_width, (7, 7), (2, 2), padding="SAME" if same else [(3, 3), (3, 3)],
+                  use_bias=False, dtype=self.dtype, kernel_init=torch_default_init,
+                  name="conv1")(x)
       x = norm(name="bn1")(x)
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME" if same else ((1, 1), (1, 1)))
     else:
-      x = nn.Conv(self.base_width, (3, 3), (1, 1), padding=[(1, 1), (1, 1)], use_bias=False,
-                  dtype=self.dtype, kernel_init=torch_default_init, name="conv1")(x)
+      x = nn.Conv(self.base_width, (3, 3), (1, 1), padding="SAME" if same else [(1, 1), (1, 1)],
+                  use_bias=False, dtype=self.dtype, kernel_init=torch_default_init,
+                  name="conv1")(x)
       x = norm(name="bn1")(x)
 
     common = dict(activation=self.activation, kernel_quantizer=self.kernel_quantizer,
-                  kernel_init=self.binary_kernel_init, norm=norm, dtype=self.dtype)
+                  kernel_init=self.binary_kernel_init, norm=norm, dtype=self.dtype,
+                  padding="SAME" if same else 1)
     if self.block == "basic":
       x = self._basic_stages(x, norm, common)
     else:
