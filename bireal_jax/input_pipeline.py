@@ -1,0 +1,641 @@
+"""Input pipelines (Fashion-MNIST, ImageNet 2012): tf.data in, numpy batches out.
+
+The only module that imports TensorFlow (the ImageNet test fixture reaches it through here). It
+hides GPUs/TPUs from TensorFlow on import, so tf.data never takes accelerator memory from JAX.
+
+Config keys read (an ml_collections ConfigDict; a missing key takes its default):
+  dataset              "fashion_mnist" | "imagenet2012" (required).
+  data_dir             tfds data dir; None = tfds' default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  manual_dir           fashion_mnist: folder with the four original IDX .gz files, default
+                       "/usr/share/datasets/fashion-mnist" (Debian's dataset-fashion-mnist); read
+                       directly when present, else tfds downloads the dataset.
+                       imagenet2012: folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar,
+                       needed once to prepare the tfds dataset; default <data_dir>/downloads/manual.
+  image_size           side of the square model input: default 28 (fashion_mnist; other sizes are
+                       resized bilinearly) and 224 (imagenet2012).
+  eval_split           default "test" (fashion_mnist), "validation" (imagenet2012); a tfds-style
+                       slice such as "validation[:1000]" or "train[90%:]" is accepted.
+  cache                imagenet2012: keep this process's encoded examples in memory after the first
+                       pass (default False). fashion_mnist: no effect, the arrays live in memory.
+  shuffle_buffer_size  imagenet2012 train: tf.data shuffle buffer of encoded examples after the
+                       seeded per-epoch file shuffle, default 16384. fashion_mnist: not used, every
+                       epoch is an exact seeded permutation.
+  augment              fashion_mnist: "none" (default) | "crop_flip" (zero-pad 2, random 28x28
+                       crop, horizontal flip). imagenet2012: not used, train always gets the
+                       official augmentation (RandomResizedCrop 0.08-1 + flip).
+  prefetch             batches tf.data prefetches, default 2 (-1 = tf.data.AUTOTUNE).
+
+Semantics shared by both datasets:
+  * Sharding: process p of n reads the p-th contiguous slice of the split (tfds.even_splits
+    semantics). Train drops the < n leftover examples so every process has as many steps per
+    epoch; eval keeps them, and every process yields the same number of batches (padding with
+    mask 0), so collective eval steps stay in lock-step.
+  * Train epochs: this process's shard in an order drawn from (seed, process index, epoch);
+    `shard // batch_size` batches per epoch, batches never straddle epochs (the dropped remainder
+    differs each epoch). Random augmentation is seeded per example from (seed, process index,
+    epoch, position in the epoch) with tf.random.stateless_* ops, so an iterator started at step
+    k yields exactly what a fresh one yields from its k-th batch on. Resuming ImageNet mid-epoch
+    reads (without decoding) the part of the epoch already seen; Fashion-MNIST skips indices only.
+  * Images: float32 [H, W, C]; pixels scaled to [0, 1], then normalised with the dataset's
+    per-channel mean/std (Fashion-MNIST's train set: 0.2860/0.3530; ImageNet's usual
+    (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225)). Labels int32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import logging
+import math
+import os
+import re
+import zlib
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+
+def _hide_accelerators_from_tf() -> None:
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except RuntimeError:  # TF was initialised before this module was imported
+      logging.warning("input_pipeline: TensorFlow already initialised; could not hide its %s "
+                      "devices (import bireal_jax.input_pipeline before using TensorFlow)", kind)
+
+
+_hide_accelerators_from_tf()
+
+import tensorflow_datasets as tfds  # noqa: E402  (after the devices are hidden)
+
+DATASETS = ("fashion_mnist", "imagenet2012")
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_FILES = {  # split -> (images file, labels file, examples)
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
+}
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # over the 60,000 train images, pixels in [0, 1]
+FMNIST_PAD = 2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+RRC_ATTEMPTS = 10  # as torchvision RandomResizedCrop
+
+_DEFAULTS = {
+    "fashion_mnist": dict(image_size=28, eval_split="test", manual_dir=FMNIST_DIR),
+    "imagenet2012": dict(image_size=224, eval_split="validation", manual_dir=None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  image_shape: tuple  # (H, W, C) after preprocessing
+  num_train: int
+  num_eval: int
+  eval_split: str
+
+
+# --------------------------------------------------------------------------- config
+
+def _dataset(config) -> str:
+  name = config.get("dataset")
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
+  return name
+
+
+def _get(config, key: str):
+  default = _DEFAULTS[_dataset(config)].get(key)
+  value = config.get(key, None)
+  return default if value is None else value
+
+
+def _image_size(config) -> int:
+  size = int(_get(config, "image_size"))
+  if size < 1:
+    raise ValueError(f"image_size={size}; expected a positive int")
+  return size
+
+
+def _prefetch(config) -> int:
+  p = int(config.get("prefetch", 2))
+  return tf.data.AUTOTUNE if p < 0 else p
+
+
+def _processes(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # only for the defaults; the pipeline itself never touches JAX
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index}, process_count={process_count}; expected "
+                     "0 <= process_index < process_count")
+  return int(process_index), int(process_count)
+
+
+def _check_batch_size(batch_size: int) -> int:
+  if int(batch_size) < 1:
+    raise ValueError(f"batch_size={batch_size}; expected a positive int (per process)")
+  return int(batch_size)
+
+
+# --------------------------------------------------------------------------- splits, shards
+
+_SPLIT_RE = re.compile(r"^\s*(\w+)\s*(?:\[\s*(-?[\d_]+%?)?\s*:\s*(-?[\d_]+%?)?\s*\])?\s*$")
+
+
+def resolve_split(spec: str, sizes: dict[str, int]) -> tuple[str, int, int]:
+  """`"name"` or `"name[from:to]"` (ints, negative ints or percents, as tfds) -> (name, start, end)."""
+  m = _SPLIT_RE.match(str(spec))
+  if not m:
+    raise ValueError(f"split {spec!r} not understood; expected 'name' or 'name[from:to]' with "
+                     "names from " + str(sorted(sizes)))
+  name, lo, hi = m.groups()
+  if name not in sizes:
+    raise ValueError(f"unknown split {name!r} in {spec!r}; expected one of {sorted(sizes)}")
+  n = sizes[name]
+
+  def bound(v, default):
+    if v is None:
+      return default
+    x = int(round(float(v[:-1]) * n / 100)) if v.endswith("%") else int(v)
+    x = n + x if x < 0 else x
+    if not 0 <= x <= n:
+      raise ValueError(f"split {spec!r}: bound {v} outside the {n} examples of {name!r}")
+    return x
+
+  start, end = bound(lo, 0), bound(hi, n)
+  if end < start:
+    raise ValueError(f"split {spec!r} selects nothing (start {start} > end {end})")
+  return name, start, end
+
+
+def shard_range(start: int, end: int, index: int, count: int,
+                drop_remainder: bool) -> tuple[int, int]:
+  """Process `index`'s contiguous slice of [start, end), as tfds.even_splits."""
+  n = end - start
+  per, rem = divmod(n, count)
+  if drop_remainder:
+    a = start + per * index
+    return a, a + per
+  a = start + per * index + min(index, rem)
+  return a, a + per + (index < rem)
+
+
+def _eval_batches(num_examples: int, count: int, batch_size: int) -> int:
+  # The largest shard decides, so every process runs the same number of eval steps.
+  return max(1, math.ceil(math.ceil(num_examples / count) / batch_size))
+
+
+# --------------------------------------------------------------------------- seeds
+
+def _base_key(seed: int, process_index: int) -> tf.Tensor:
+  return tf.constant([int(seed), process_index], tf.int64)
+
+
+def _fold(key, *data):
+  for d in data:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(d, tf.int64))
+  return key
+
+
+_SHUFFLE, _AUGMENT = 0, 1  # streams folded into an epoch's key
+
+
+def _int_seeds(key, n: int) -> list[int]:
+  """`n` Python ints drawn from `key` (for APIs that take an int seed, e.g. tf.data shuffle)."""
+  draws = tf.random.stateless_uniform([n], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
+  return [int(v) for v in draws.numpy()]
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+_IDX_TYPES = {0x08: np.uint8}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (gzip-compressed when the name ends with .gz) of unsigned bytes."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    raise ValueError(f"{path}: not a readable{' gzip' if path.endswith('.gz') else ''} IDX "
+                     f"file ({e})") from e
+  if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    raise ValueError(f"{path}: header {data[:4].hex()!r} is not an IDX magic number "
+                     "(expected 0000 then type and rank, e.g. 00000803)")
+  dtype = _IDX_TYPES.get(data[2])
+  if dtype is None:
+    raise ValueError(f"{path}: IDX data type 0x{data[2]:02x}; expected 0x08 (unsigned byte)")
+  rank = data[3]
+  header = 4 + 4 * rank
+  if len(data) < header:
+    raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes, rank {rank})")
+  dims = tuple(int(d) for d in np.frombuffer(data[4:header], ">u4"))
+  if len(data) - header != math.prod(dims):
+    raise ValueError(f"{path}: {len(data) - header} data bytes; the header's dims {dims} "
+                     f"need {math.prod(dims)}")
+  return np.frombuffer(data, dtype, offset=header).reshape(dims)
+
+
+def read_fashion_mnist(manual_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """One split from the original IDX .gz files: (uint8 [N, 28, 28, 1], int32 [N]), checked."""
+  images_file, labels_file, count = FMNIST_FILES[split]
+  images_path = os.path.join(manual_dir, images_file)
+  labels_path = os.path.join(manual_dir, labels_file)
+  images, labels = read_idx(images_path), read_idx(labels_path)
+  if images.shape != (count, 28, 28):
+    raise ValueError(f"{images_path}: images of shape {images.shape}; expected ({count}, 28, 28)")
+  if labels.shape != (count,):
+    raise ValueError(f"{labels_path}: labels of shape {labels.shape}; expected ({count},)")
+  if labels.max() > 9:
+    raise ValueError(f"{labels_path}: label {labels.max()} found; expected labels 0..9")
+  return images[..., None], labels.astype(np.int32)
+
+
+def _fmnist_files_present(manual_dir: str) -> bool:
+  names = [f for files in FMNIST_FILES.values() for f in files[:2]]
+  present = [n for n in names if os.path.exists(os.path.join(manual_dir, n))]
+  if present and len(present) < len(names):
+    missing = sorted(set(names) - set(present))
+    raise FileNotFoundError(f"Fashion-MNIST in {manual_dir}: {missing} missing (found {present}); "
+                            f"expected all of {names}")
+  return bool(present)
+
+
+@functools.lru_cache(maxsize=2)
+def _fmnist_arrays_cached(manual_dir: str, data_dir: str | None, stamp) -> dict:
+  del stamp  # only part of the cache key: a rewritten file invalidates the entry
+  if manual_dir and _fmnist_files_present(manual_dir):
+    return {s: read_fashion_mnist(manual_dir, s) for s in FMNIST_FILES}
+  logging.info("Fashion-MNIST IDX files not in %s; loading through tfds", manual_dir)
+  try:
+    splits = tfds.load("fashion_mnist", split=list(FMNIST_FILES), as_supervised=True,
+                       data_dir=data_dir)
+  except Exception as e:
+    raise RuntimeError(
+        f"Fashion-MNIST: the IDX files are not in manual_dir={manual_dir!r} (expected "
+        f"{[f for v in FMNIST_FILES.values() for f in v[:2]]}) and tfds could not provide "
+        f"the dataset either ({type(e).__name__}: {e}). Install Debian's dataset-fashion-mnist "
+        "or point config.manual_dir at the four files.") from e
+  arrays = {}
+  for (s, (_, _, count)), ds in zip(FMNIST_FILES.items(), splits):
+    # One batch holding the whole split (tfds' batch_size=-1 does the same).
+    x, y = next(iter(tfds.as_numpy(ds.batch(count))))
+    arrays[s] = (np.asarray(x, np.uint8).reshape(-1, 28, 28, 1), np.asarray(y, np.int32))
+  return arrays
+
+
+def fashion_mnist_arrays(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{split: (uint8 [N, 28, 28, 1], int32 [N])}, from manual_dir if the files are there, else tfds."""
+  manual_dir = _get(config, "manual_dir")
+  stamp = []
+  for files in FMNIST_FILES.values():
+    for f in files[:2]:
+      path = os.path.join(manual_dir or "", f)
+      if manual_dir and os.path.exists(path):
+        st = os.stat(path)
+        stamp.append((f, st.st_mtime_ns, st.st_size))
+  return _fmnist_arrays_cached(manual_dir, config.get("data_dir"), tuple(stamp))
+
+
+def _fmnist_augment(config) -> str:
+  aug = config.get("augment", None) or "none"
+  if aug not in ("none", "crop_flip"):
+    raise ValueError(f"augment={aug!r} for fashion_mnist; expected 'none' or 'crop_flip'")
+  return aug
+
+
+def _fmnist_preprocess(images, size: int, key=None):
+  """uint8 [N, 28, 28, 1] -> normalised float32 [N, size, size, 1]; crop+flip drawn from `key`."""
+  x = tf.cast(images, tf.float32) / 255.0
+  if key is not None:
+    n, p = tf.shape(x)[0], FMNIST_PAD
+    padded = tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])  # zero = black, as torchvision's pad
+    r = tf.random.stateless_uniform([3, n], seed=key)
+    dy, dx = (tf.cast(r[i] * (2 * p + 1), tf.int32) for i in (0, 1))
+    rows = dy[:, None] + tf.range(28)[None]  # per-example crop offsets, by gathering
+    cols = dx[:, None] + tf.range(28)[None]
+    x = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+    x = tf.where((r[2] < 0.5)[:, None, None, None], tf.reverse(x, [2]), x)
+  if size != 28:
+    x = tf.image.resize(x, [size, size], method="bilinear", antialias=True)
+  return (x - FMNIST_MEAN) / FMNIST_STD
+
+
+def _fmnist_sizes():
+  return {s: v[2] for s, v in FMNIST_FILES.items()}
+
+
+def _fmnist_train(config, batch_size, seed, start_step, pidx, pcount):
+  images, labels = fashion_mnist_arrays(config)["train"]
+  a, b = shard_range(0, len(labels), pidx, pcount, drop_remainder=True)
+  n = b - a
+  steps = n // batch_size
+  if steps < 1:
+    raise ValueError(f"batch_size={batch_size} exceeds the {n} train examples of process {pidx}")
+  size = _image_size(config)
+  augment = _fmnist_augment(config) == "crop_flip"
+  images_t, labels_t = tf.constant(images[a:b]), tf.constant(labels[a:b])
+  key0 = _base_key(seed, pidx)
+  first_epoch, skip = divmod(int(start_step), steps)
+
+  def epoch(e):
+    # An exact permutation per epoch, cut to whole batches; a batch never straddles two epochs.
+    order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                     seed=_fold(key0, e, _SHUFFLE))
+    order = tf.reshape(order[:steps * batch_size], [steps, batch_size])
+    return tf.data.Dataset.from_tensor_slices(order).enumerate().map(lambda k, i: (e, k, i))
+
+  def batch(e, k, i):
+    # Augmentation drawn per batch from (seed, process, epoch, step in epoch): vectorised, and
+    # still exactly reproducible on resume because batch boundaries are fixed.
+    key = _fold(key0, e, _AUGMENT, k) if augment else None
+    return {"image": _fmnist_preprocess(tf.gather(images_t, i), size, key),
+            "label": tf.gather(labels_t, i)}
+
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(skip)
+  ds = ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(_prefetch(config))
+  return iter(ds.as_numpy_iterator())
+
+
+def _fmnist_eval(config, batch_size, split, pidx, pcount):
+  name, start, end = resolve_split(split, _fmnist_sizes())
+  images, labels = fashion_mnist_arrays(config)[name]
+  a, b = shard_range(start, end, pidx, pcount, drop_remainder=False)
+  size = _image_size(config)
+  ds = tf.data.Dataset.from_tensor_slices((images[a:b], labels[a:b]))
+  ds = ds.map(lambda x, y: {"image": _fmnist_preprocess(x[None], size)[0], "label": y,
+                            "mask": tf.constant(1.0)}, num_parallel_calls=tf.data.AUTOTUNE)
+  return _pad_and_batch(ds, b - a, _eval_batches(end - start, pcount, batch_size), batch_size,
+                        (size, size, 1), _prefetch(config))
+
+
+# --------------------------------------------------------------------------- ImageNet
+
+def imagenet_manual_dir(config, builder=None) -> str:
+  manual_dir = _get(config, "manual_dir")
+  if manual_dir:
+    return os.fspath(manual_dir)
+  builder = builder or tfds.builder("imagenet2012", data_dir=config.get("data_dir"))
+  return os.fspath(builder.data_dir_root / "downloads" / "manual")  # tfds' own default
+
+
+@functools.lru_cache(maxsize=4)
+def _imagenet_builder_cached(data_dir, manual_dir):
+  builder = tfds.builder("imagenet2012", data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  manual_dir = manual_dir or os.fspath(builder.data_dir_root / "downloads" / "manual")
+  status = {f: os.path.isfile(os.path.join(manual_dir, f)) for f in IMAGENET_ARCHIVES}
+  if not all(status.values()):
+    listed = ", ".join(f"{f} ({'found' if ok else 'MISSING'})" for f, ok in status.items())
+    raise FileNotFoundError(
+        f"ImageNet (tfds imagenet2012) is not prepared in {builder.data_dir} and cannot be built: "
+        f"searched manual_dir={manual_dir!r} for {listed}. Download both archives from "
+        "https://image-net.org/download-images into one folder and set config.manual_dir to it "
+        "(preparation runs once and writes the dataset under data_dir).")
+  logging.info("Preparing imagenet2012 from %s into %s (once; hours for the full archives)",
+               manual_dir, builder.data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def imagenet_builder(config):
+  """The prepared tfds `imagenet2012` builder, preparing it from manual_dir the first time."""
+  return _imagenet_builder_cached(config.get("data_dir"), _get(config, "manual_dir"))
+
+
+def _imagenet_sizes(builder) -> dict[str, int]:
+  return {name: info.num_examples for name, info in builder.info.splits.items()}
+
+
+def random_resized_crop_window(image_hw, key):
+  """torchvision RandomResizedCrop's window (y, x, h, w) for an image of shape `image_hw`.
+
+  Ten attempts drawn at once: area fraction ~ U(0.08, 1), log aspect ~ U(log 3/4, log 4/3); the
+  first that fits wins, else the centre crop with the aspect clamped into [3/4, 4/3].
+  """
+  height = tf.cast(image_hw[0], tf.float32)
+  width = tf.cast(image_hw[1], tf.float32)
+  u = tf.random.stateless_uniform([4, RRC_ATTEMPTS], seed=key)
+  area = height * width * (RRC_SCALE[0] + u[0] * (RRC_SCALE[1] - RRC_SCALE[0]))
+  log_lo, log_hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
+  ratio = tf.exp(log_lo + u[1] * (log_hi - log_lo))
+  w = tf.round(tf.sqrt(area * ratio))
+  h = tf.round(tf.sqrt(area / ratio))
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  y = tf.floor(u[2] * (height - h + 1))
+  x = tf.floor(u[3] * (width - w + 1))
+  k = tf.argmax(tf.cast(fits, tf.int32))  # first fitting attempt (0 when none fits)
+  in_ratio = width / height
+  fb_w = tf.where(in_ratio > RRC_RATIO[1], tf.round(height * RRC_RATIO[1]), width)
+  fb_h = tf.where(in_ratio < RRC_RATIO[0], tf.round(width / RRC_RATIO[0]), height)
+  fb_w = tf.where(in_ratio < RRC_RATIO[0], width, fb_w)
+  fb_h = tf.where(in_ratio > RRC_RATIO[1], height, fb_h)
+  ok = tf.reduce_any(fits)
+  window = tf.where(ok, tf.stack([y[k], x[k], h[k], w[k]]),
+                    tf.stack([tf.floor((height - fb_h) / 2), tf.floor((width - fb_w) / 2),
+                              fb_h, fb_w]))
+  return tf.cast(window, tf.int32)
+
+
+def _normalise_rgb(x):
+  return (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def imagenet_train_image(jpeg, size: int, key):
+  """Encoded JPEG -> RandomResizedCrop(size) + flip + normalise, float32 [size, size, 3]."""
+  window = random_resized_crop_window(tf.image.extract_jpeg_shape(jpeg)[:2], key)
+  x = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)  # decodes only the window
+  x = tf.image.resize(x, [size, size], method="bilinear", antialias=True)
+  flip = tf.random.stateless_uniform([], seed=_fold(key, 1)) < 0.5
+  x = tf.where(flip, tf.reverse(x, [1]), x)
+  return tf.cast(_normalise_rgb(x), tf.float32)
+
+
+def imagenet_eval_image(jpeg, size: int):
+  """Encoded JPEG -> resize shorter side to 256*size/224, centre crop size, normalise."""
+  x = tf.image.decode_jpeg(jpeg, channels=3)
+  hw = tf.cast(tf.shape(x)[:2], tf.float32)
+  short = float(round(256 * size / 224))
+  # As torchvision Resize(int): the longer side is truncated, not rounded.
+  new_hw = tf.cast(tf.where(hw == tf.reduce_min(hw), short, tf.floor(hw * short /
+                                                                     tf.reduce_min(hw))), tf.int32)
+  # Square images: both sides are the minimum, so both become `short`.
+  x = tf.image.resize(x, new_hw, method="bilinear", antialias=True)
+  top = tf.cast(tf.round(tf.cast(new_hw[0] - size, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_hw[1] - size, tf.float32) / 2), tf.int32)
+  x = tf.slice(x, [top, left, 0], [size, size, 3])
+  return tf.cast(_normalise_rgb(x), tf.float32)
+
+
+def _read_options():
+  opts = tf.data.Options()
+  opts.deterministic = True
+  return opts
+
+
+def _imagenet_read(builder, split: str, *, shuffle_seed: int | None):
+  return builder.as_dataset(
+      split=split, shuffle_files=shuffle_seed is not None,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False,
+                                  skip_prefetch=True, options=_read_options()))
+
+
+def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
+  builder = imagenet_builder(config)
+  total = _imagenet_sizes(builder)["train"]
+  a, b = shard_range(0, total, pidx, pcount, drop_remainder=True)
+  steps = (b - a) // batch_size
+  if steps < 1:
+    raise ValueError(f"batch_size={batch_size} exceeds the {b - a} train examples of "
+                     f"process {pidx}")
+  split, size = f"train[{a}:{b}]", _image_size(config)
+  buffer = int(config.get("shuffle_buffer_size", None) or 16384)
+  key0 = _base_key(seed, pidx)
+  cached = _imagenet_read(builder, split, shuffle_seed=None).cache() if config.get(
+      "cache", False) else None
+
+  def epoch_batches(e: int, skip: int):
+    file_seed, buffer_seed = _int_seeds(_fold(key0, e, _SHUFFLE), 2)
+    aug_key = _fold(key0, e, _AUGMENT)
+    if cached is not None:
+      ds = cached
+    else:
+      ds = _imagenet_read(builder, split, shuffle_seed=file_seed)
+    ds = ds.shuffle(buffer, seed=buffer_seed, reshuffle_each_iteration=False)
+    ds = ds.take(steps * batch_size).enumerate().skip(skip * batch_size)
+    ds = ds.map(lambda pos, ex: {"image": imagenet_train_image(ex["image"], size,
+                                                               _fold(aug_key, pos)),
+                                 "label": tf.cast(ex["label"], tf.int32)},
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(_prefetch(config))
+    return ds.as_numpy_iterator()
+
+  def batches():
+    e, skip = divmod(int(start_step), steps)
+    while True:
+      yield from epoch_batches(e, skip)
+      e, skip = e + 1, 0
+
+  return batches()
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_eval_dataset(builder, split, size, cache):
+  ds = _imagenet_read(builder, split, shuffle_seed=None)
+  if cache:
+    ds = ds.cache()
+  return ds.map(lambda ex: {"image": imagenet_eval_image(ex["image"], size),
+                            "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _imagenet_eval(config, batch_size, split, pidx, pcount):
+  builder = imagenet_builder(config)
+  name, start, end = resolve_split(split, _imagenet_sizes(builder))
+  a, b = shard_range(start, end, pidx, pcount, drop_remainder=False)
+  size = _image_size(config)
+  # Memoised, so an in-memory cache survives from one evaluation to the next.
+  ds = _imagenet_eval_dataset(builder, f"{name}[{a}:{b}]", size, bool(config.get("cache", False)))
+  return _pad_and_batch(ds, b - a, _eval_batches(end - start, pcount, batch_size), batch_size,
+                        (size, size, 3), _prefetch(config))
+
+
+# --------------------------------------------------------------------------- shared
+
+def _pad_and_batch(ds, num_real: int, num_batches: int, batch_size: int, image_shape,
+                   prefetch: int) -> Iterator[dict]:
+  pad = num_batches * batch_size - num_real
+  blank = {"image": tf.zeros(image_shape, tf.float32), "label": tf.constant(0, tf.int32),
+           "mask": tf.constant(0.0)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
+  return iter(ds.batch(batch_size).prefetch(prefetch).as_numpy_iterator())
+
+
+def dataset_info(config) -> DatasetInfo:
+  """Classes, preprocessed image shape and split sizes (prepares ImageNet if needed)."""
+  name, size = _dataset(config), _image_size(config)
+  eval_split = str(_get(config, "eval_split"))
+  if name == "fashion_mnist":
+    sizes, classes, shape = _fmnist_sizes(), 10, (size, size, 1)
+  else:
+    builder = imagenet_builder(config)
+    sizes = _imagenet_sizes(builder)
+    classes, shape = builder.info.features["label"].num_classes, (size, size, 3)
+  _, start, end = resolve_split(eval_split, sizes)
+  return DatasetInfo(num_classes=classes, image_shape=shape, num_train=sizes["train"],
+                     num_eval=end - start, eval_split=eval_split)
+
+
+def create_train_iter(config, *, batch_size: int, seed: int, start_step: int = 0,
+                      process_index: int | None = None,
+                      process_count: int | None = None) -> Iterator[dict]:
+  """Infinite numpy batches {'image': f32 [B, H, W, C], 'label': i32 [B]} of this process's shard.
+
+  `batch_size` is per process. Deterministic in (seed, process_index, process_count); an
+  iterator with start_step=k yields what a start_step=0 one yields from its k-th batch on.
+  """
+  name = _dataset(config)
+  if int(start_step) < 0:
+    raise ValueError(f"start_step={start_step}; expected >= 0")
+  if not 0 <= int(seed) < 2**63:
+    raise ValueError(f"seed={seed}; expected an int in [0, 2**63)")
+  pidx, pcount = _processes(process_index, process_count)
+  fn: Callable[..., Any] = _fmnist_train if name == "fashion_mnist" else _imagenet_train
+  return fn(config, _check_batch_size(batch_size), int(seed), int(start_step), pidx, pcount)
+
+
+def create_eval_iter(config, *, batch_size: int, split: str | None = None,
+                     process_index: int | None = None,
+                     process_count: int | None = None) -> Iterator[dict]:
+  """One pass over `split` (default config.eval_split) as {'image', 'label', 'mask'} batches.
+
+  Across processes every example appears exactly once with mask 1.0; padding (zero image,
+  label 0, mask 0.0) fills the last batch, and every process yields the same number of batches.
+  """
+  name = _dataset(config)
+  split = str(split or _get(config, "eval_split"))
+  pidx, pcount = _processes(process_index, process_count)
+  fn = _fmnist_eval if name == "fashion_mnist" else _imagenet_eval
+  return fn(config, _check_batch_size(batch_size), split, pidx, pcount)
+
+
+def train_steps_per_epoch(config, *, batch_size: int, process_count: int | None = None) -> int:
+  """Batches per epoch of one process's shard (= what create_train_iter yields per epoch)."""
+  _, pcount = _processes(0, process_count)
+  return (dataset_info(config).num_train // pcount) // _check_batch_size(batch_size)
+
+
+def main(argv=None) -> None:
+  """`python -m bireal_jax.input_pipeline --dataset imagenet2012 --manual_dir DIR [--data_dir DIR]`
+
+  Prepares the dataset once (ImageNet: builds the tfds dataset from the two archives) and prints
+  its DatasetInfo.
+  """
+  import argparse
+  import ml_collections
+  p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+  p.add_argument("--dataset", required=True, choices=DATASETS)
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--manual_dir", default=None)
+  args = p.parse_args(argv)
+  config = ml_collections.ConfigDict(vars(args))
+  if args.dataset == "fashion_mnist":
+    fashion_mnist_arrays(config)
+  print(dataset_info(config))
+
+
+if __name__ == "__main__":
+  logging.basicConfig(level=logging.INFO)
+  main()
