@@ -1,4 +1,6 @@
 """BinaryConv against an independent numpy convolution; Bi-Real blocks' wiring, dtypes and errors."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,19 @@ import pytest
 
 from bireal_jax import layers
 from bireal_jax.layers import BinaryConv, BiRealBlock, BiRealBottleneck, Downsample
+
+
+def _init(module, *args, seed=1):
+  # Jitted, with an rbg key: compiles in about a second (threefry init takes ~10x longer on CPU).
+  return jax.jit(module.init)(jax.random.key(seed, impl="rbg"), *args)
+
+
+def _apply(module, variables, *args, **kwargs):
+  return jax.jit(functools.partial(module.apply, **kwargs))(variables, *args)
+
+
+def _x(*shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
 def _np_conv(x, w, stride, pad):
@@ -39,10 +54,10 @@ def _sign(a):
 @pytest.mark.parametrize("kernel_quantizer", ["magnitude_aware", "official"])
 def test_binary_conv_equals_conv_of_plus_minus_one_inputs_and_alpha_kernels(
     ksize, stride, padding, np_pad, kernel_quantizer):
-  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+  x = _x(2, 9, 8, 3)
   conv = BinaryConv(5, (ksize, ksize), stride, padding=padding, kernel_quantizer=kernel_quantizer,
                     kernel_init="lecun_normal")  # signed kernels, unlike the official U[0, 1e-3)
-  params = conv.init(jax.random.key(1), x)
+  params = _init(conv, x)
   w = np.asarray(params["params"]["kernel"])
   alpha = np.mean(np.abs(w), axis=(0, 1, 2), keepdims=True)
   # Quantize first, then zero-pad: the padded border contributes 0, not ±1.
@@ -53,19 +68,19 @@ def test_binary_conv_equals_conv_of_plus_minus_one_inputs_and_alpha_kernels(
 
 
 def test_binary_conv_sign_kernel_gives_integer_popcount_outputs():
-  x = jax.random.normal(jax.random.key(0), (1, 6, 6, 4))
+  x = _x(1, 6, 6, 4)
   conv = BinaryConv(3, kernel_quantizer="sign", kernel_init="lecun_normal", padding="VALID")
-  y = np.asarray(conv.apply(conv.init(jax.random.key(1), x), x))
+  y = np.asarray(conv.apply(_init(conv, x), x))
   # ±1 · ±1 summed over 3·3·4 = 36 terms: an even integer in [-36, 36].
   np.testing.assert_array_equal(y, np.round(y))
   assert np.all(np.abs(y) <= 36) and np.all(y % 2 == 0)
 
 
 def test_real_binary_conv_equals_nn_conv_with_the_same_kernel():
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  x = _x(2, 8, 8, 3)
   conv = BinaryConv(4, (3, 3), 2, padding=1, input_quantizer=None, kernel_quantizer=None,
                     kernel_init="lecun_normal")
-  params = conv.init(jax.random.key(1), x)
+  params = _init(conv, x)
   ref = nn.Conv(4, (3, 3), (2, 2), padding=[(1, 1), (1, 1)], use_bias=False)
   np.testing.assert_allclose(conv.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-6)
 
@@ -73,7 +88,7 @@ def test_real_binary_conv_equals_nn_conv_with_the_same_kernel():
 def test_binary_conv_bias_and_official_init():
   x = jnp.ones((1, 4, 4, 2))
   conv = BinaryConv(3, use_bias=True, bias_init=nn.initializers.constant(0.5))
-  params = conv.init(jax.random.key(0), x)["params"]
+  params = _init(conv, x)["params"]
   assert set(params) == {"kernel", "bias"}
   k = np.asarray(params["kernel"])
   assert k.shape == (3, 3, 2, 3) and k.min() >= 0 and k.max() < 1e-3  # torch.rand * 1e-3
@@ -91,9 +106,9 @@ def test_binary_conv_input_gradient_follows_approx_sign():
 
 
 def test_binary_conv_bfloat16_compute_keeps_float32_params():
-  x = jax.random.normal(jax.random.key(0), (1, 6, 6, 3))
+  x = _x(1, 6, 6, 3)
   conv = BinaryConv(4, dtype=jnp.bfloat16, kernel_init="lecun_normal")
-  params = conv.init(jax.random.key(1), x)
+  params = _init(conv, x)
   assert params["params"]["kernel"].dtype == jnp.float32
   y = conv.apply(params, x)
   assert y.dtype == jnp.bfloat16
@@ -104,8 +119,8 @@ def test_binary_conv_bfloat16_compute_keeps_float32_params():
 def test_binary_conv_errors_name_the_bad_value():
   conv = BinaryConv(4)
   with pytest.raises(ValueError, match=r"rank 4, got shape \(6, 6, 3\)"):
-    conv.init(jax.random.key(0), jnp.ones((6, 6, 3)))
-  params = conv.init(jax.random.key(0), jnp.ones((1, 6, 6, 3)))
+    _init(conv, jnp.ones((6, 6, 3)))
+  params = _init(conv, jnp.ones((1, 6, 6, 3)))
   with pytest.raises(ValueError) as e:
     conv.apply(params, jnp.ones((1, 6, 6, 5)))
   assert "5 channels" in str(e.value) and "expects 3" in str(e.value)
@@ -129,62 +144,62 @@ def _bn(train=True):
 
 
 def test_bireal_block_adds_identity_shortcut_around_the_binary_conv():
-  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
+  x = _x(2, 6, 6, 8)
   block = BiRealBlock(8, norm=_bn(False), kernel_init="lecun_normal")
-  variables = block.init(jax.random.key(1), x)
+  variables = _init(block, x)
   assert "downsample" not in variables["params"]
   branch = BiRealBlock(8, norm=_bn(False), kernel_init="lecun_normal", shortcut=False)
-  diff = block.apply(variables, x) - branch.apply(variables, x)
+  diff = _apply(block, variables, x) - _apply(branch, variables, x)
   np.testing.assert_allclose(diff, x, rtol=1e-5, atol=1e-5)
 
 
 def test_bireal_block_downsample_shortcut_on_stride_or_width_change():
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  x = _x(2, 8, 8, 4)
   for stride, width in [(2, 8), (1, 8)]:  # stride change; width change
     block = BiRealBlock(width, stride, norm=_bn(False))
-    variables = block.init(jax.random.key(1), x)
+    variables = _init(block, x)
     assert set(variables["params"]["downsample"]) == {"conv", "bn"}
-    y = block.apply(variables, x)
+    y = _apply(block, variables, x)
     assert y.shape == (2, 8 // stride, 8 // stride, width)
     # The shortcut equals Downsample on its own (avg-pool → real 1×1 conv → BN).
-    down = Downsample(width, stride, _bn(False)).apply(
-        {"params": variables["params"]["downsample"],
-         "batch_stats": variables["batch_stats"]["downsample"]}, x)
-    branch = BiRealBlock(width, stride, norm=_bn(False), shortcut=False).apply(variables, x)
+    down = _apply(Downsample(width, stride, _bn(False)),
+                  {"params": variables["params"]["downsample"],
+                   "batch_stats": variables["batch_stats"]["downsample"]}, x)
+    branch = _apply(BiRealBlock(width, stride, norm=_bn(False), shortcut=False), variables, x)
     np.testing.assert_allclose(y - branch, down, rtol=1e-5, atol=1e-5)
 
 
 def test_downsample_averages_2x2_windows_before_the_1x1_conv():
-  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 2))
+  x = _x(1, 4, 4, 2)
   down = Downsample(3, 2, _bn(False))
-  v = down.init(jax.random.key(1), x)
+  v = _init(down, x)
   k = np.asarray(v["params"]["conv"]["kernel"])[0, 0]
   pooled = np.asarray(x).reshape(1, 2, 2, 2, 2, 2).mean(axis=(2, 4))
   # Fresh BN (mean 0, var 1, scale 1, bias 0) is x / sqrt(1 + eps).
-  np.testing.assert_allclose(down.apply(v, x), pooled @ k / np.sqrt(1 + 1e-5), rtol=1e-5,
+  np.testing.assert_allclose(_apply(down, v, x), pooled @ k / np.sqrt(1 + 1e-5), rtol=1e-5,
                              atol=1e-6)
 
 
 def test_block_train_mode_updates_batch_stats():
-  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 8)) + 3.0
+  x = _x(4, 6, 6, 8) + 3.0
   block = BiRealBlock(8, 2, norm=_bn(True))
-  v = block.init(jax.random.key(1), x)
-  _, upd = block.apply(v, x, mutable=["batch_stats"])
+  v = _init(block, x)
+  _, upd = _apply(block, v, x, mutable=["batch_stats"])
   old = np.asarray(v["batch_stats"]["downsample"]["bn"]["mean"])
   new = np.asarray(upd["batch_stats"]["downsample"]["bn"]["mean"])
   assert not np.allclose(old, new)
 
 
 def test_bottleneck_streams_and_real_first_conv():
-  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8))
+  x = _x(1, 8, 8, 8)
   first = BiRealBottleneck(16, 1, is_downsample=True, is_first_block=True, norm=_bn(False))
-  v = first.init(jax.random.key(1), x, x)
-  x1, x2 = first.apply(v, x, x)
+  v = _init(first, x, x)
+  x1, x2 = _apply(first, v, x, x)
   assert x1.shape == (1, 8, 8, 4) and x2.shape == (1, 8, 8, 16)
   assert "down_conv1x1" not in v["params"]  # first block: no mid-stream shortcut
   nxt = BiRealBottleneck(32, 2, is_downsample=True, norm=_bn(False))
-  v2 = nxt.init(jax.random.key(2), x1, x2)
-  y1, y2 = nxt.apply(v2, x1, x2)
+  v2 = _init(nxt, x1, x2)
+  y1, y2 = _apply(nxt, v2, x1, x2)
   assert y1.shape == (1, 4, 4, 8) and y2.shape == (1, 4, 4, 32)
   assert {"down_conv1x1", "downsample", "conv1", "conv2", "conv3"} <= set(v2["params"])
 
