@@ -1,0 +1,233 @@
+"""Training checkpoints with Orbax's `CheckpointManager`, and the workdir's config record.
+
+Layout of a workdir:
+  config.json           the run's config and its identity (model, image shape, classes, dataset)
+  checkpoints/<step>/   `state` (TrainState as a PyTree) + `meta` (JSON: step, epoch, ...)
+Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it), so a
+crash never leaves a half-written step behind; a step that is unreadable anyway (truncated or
+corrupted on disk) is skipped with a warning in favour of the previous one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint or workdir that cannot be used for this run."""
+
+
+def _manager(directory: str, *, keep: int = 3, every_steps: Optional[int] = None,
+             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+  policy = (ocp.checkpoint_managers.FixedIntervalPolicy(every_steps)
+            if every_steps else None)
+  options = ocp.CheckpointManagerOptions(
+      save_decision_policy=policy,
+      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,  # leftovers of a save killed mid-way
+      read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=options, item_names=("state", "meta"),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+
+
+class Checkpoints:
+  """Periodic, asynchronous, keep-K checkpoints of one training run."""
+
+  def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1000,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = _manager(directory, keep=keep, every_steps=every_steps,
+                            async_save=async_save)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+    """Start saving `state` (a PyTree of global arrays) at `step`; True if a save started."""
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore(self, abstract_state) -> Optional[tuple[Any, dict, int]]:
+    """Newest readable checkpoint as `(state, meta, step)`, or None when there is none.
+
+    `abstract_state` is a PyTree of `jax.ShapeDtypeStruct` (with shardings) giving the
+    structure to restore into. An unreadable step is reported and the one before it tried.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=abstract_state,
+                                         restore_args=_restore_args(abstract_state)),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+        if _is_structure_mismatch(e):
+          raise CheckpointError(
+              f"checkpoint step {step} in {self.directory} does not match this model/config: "
+              f"{_short(e)}") from e
+        older = steps[i + 1] if i + 1 < len(steps) else None
+        msg = (f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
+               f"({type(e).__name__}: {_short(e)}); "
+               + (f"falling back to step {older}" if older is not None else
+                  "no older checkpoint: starting from scratch"))
+        log.warning(msg)
+        print(msg, flush=True)
+        continue
+      return out["state"], dict(out["meta"]), step
+    return None
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _short(e: Exception, n: int = 300) -> str:
+  s = str(e).replace("\n", " ")
+  return s if len(s) <= n else s[:n] + "..."
+
+
+def _is_structure_mismatch(e: Exception) -> bool:
+  s = str(e)
+  return isinstance(e, ValueError) and (
+      "does not match" in s or "Requested shape" in s or "tree structure" in s.lower()
+      or "Missing keys" in s or "Unexpected keys" in s)
+
+
+def _restore_args(abstract_tree):
+  return jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+      if getattr(x, "sharding", None) is not None else ocp.RestoreArgs(restore_type=None),
+      abstract_tree)
+
+
+def find_checkpoint_dir(path: str) -> str:
+  """`path/checkpoints` when `path` is a workdir, else `path` itself."""
+  sub = os.path.join(path, CHECKPOINT_DIR)
+  return sub if os.path.isdir(sub) else path
+
+
+def stored_tree(directory: str, step: Optional[int] = None) -> tuple[dict, int]:
+  """Shapes/dtypes of the stored TrainState at `step` (default latest) without reading arrays."""
+  mngr = _manager(directory, read_only=True)
+  steps = mngr.all_steps()
+  if not steps:
+    raise CheckpointError(f"no checkpoint found in {directory!r}: expected a workdir with "
+                          f"{CHECKPOINT_DIR}/<step>/ or a checkpoint directory")
+  step = max(steps) if step is None else step
+  md = mngr.item_metadata(step)["state"]
+  return md.tree if hasattr(md, "tree") else md, step
+
+
+def restore_subtrees(directory: str, abstract: dict, step: Optional[int] = None) -> tuple[dict, int]:
+  """Restore only the top-level entries of `abstract` (e.g. params, batch_stats) from a run.
+
+  Before reading, every path and shape is compared with the stored tree; a mismatch raises
+  `CheckpointError` naming the differing paths.
+  """
+  stored, step = stored_tree(directory, step)
+  problems = []
+  for key, sub in abstract.items():
+    if key not in stored:
+      problems.append(f"{key}: missing in checkpoint (it has {sorted(stored)})")
+      continue
+    want = _flat_shapes(sub)
+    have = _flat_shapes(stored[key])
+    for p in sorted(set(want) | set(have)):
+      if p not in have:
+        problems.append(f"{key}/{p}: only in this model {want[p]}")
+      elif p not in want:
+        problems.append(f"{key}/{p}: only in checkpoint {have[p]}")
+      elif want[p] != have[p]:
+        problems.append(f"{key}/{p}: model {want[p]} vs checkpoint {have[p]}")
+  if problems:
+    head = "\n  ".join(problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise CheckpointError(f"checkpoint {directory!r} (step {step}) does not match the model; "
+                          f"differing paths:\n  {head}{more}")
+  mngr = _manager(directory, read_only=True)
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract),
+                                   partial_restore=True)))
+  return out["state"], step
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  out = {}
+  for path, leaf in flat:
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+    out[name] = (tuple(leaf.shape), str(leaf.dtype))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The workdir's config record: a workdir belongs to one model/data configuration.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_workdir(workdir: str, identity: dict, config_dict: dict, *, write: bool) -> None:
+  """Refuse a workdir recorded for another model/data identity; record it when new.
+
+  `identity` holds what a checkpoint depends on (model config, image shape, classes, dataset);
+  other keys (learning rate, epochs, ...) may change between runs of one workdir.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f).get("identity", {})
+    diffs = _diff(stored, _jsonable(identity))
+    if diffs:
+      raise CheckpointError(
+          f"workdir {workdir!r} holds a run of a different configuration, refusing to touch it "
+          f"(use a new --workdir):\n  " + "\n  ".join(diffs))
+    return
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"identity": _jsonable(identity), "config": _jsonable(config_dict)}, f,
+                indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+  return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def _diff(stored, current, prefix="") -> list[str]:
+  out = []
+  if isinstance(stored, dict) and isinstance(current, dict):
+    for k in sorted(set(stored) | set(current)):
+      p = f"{prefix}{k}"
+      if k not in stored:
+        out.append(f"{p}: not recorded in the workdir, config has {current[k]!r}")
+      elif k not in current:
+        out.append(f"{p}: workdir has {stored[k]!r}, config lacks it")
+      else:
+        out.extend(_diff(stored[k], current[k], p + "."))
+  elif stored != current:
+    out.append(f"{prefix.rstrip('.')}: workdir has {stored!r}, config has {current!r}")
+  return out

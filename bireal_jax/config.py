@@ -1,0 +1,222 @@
+"""Training configuration: every option of `bireal_jax.main`, its default, and its validation.
+
+Config files under `configs/` start from `get_default_config()` and change what their recipe
+needs (plain Python, like flax/examples/imagenet). `validate()` runs on the command-line result
+before any work: an unknown key is refused by the locked `ConfigDict`, an impossible value by
+`ConfigError`, which names the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+from bireal_jax import models, quantizers
+
+MODES = ("train", "eval")
+DATASETS = ("fashion_mnist", "imagenet2012", "synthetic")  # synthetic: no files, for smoke tests
+AUGMENTS = ("none", "crop_flip")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("linear_epoch", "linear", "cosine", "piecewise", "constant")
+MAPPINGS = ("pmap", "shard_map")
+DTYPES = ("float32", "bfloat16")
+DISTRIBUTED = ("auto", "on", "off")
+WEIGHT_DECAY_ON = ("kernels", "all")
+STEMS = ("imagenet", "small")
+SHORTCUTS = ("bireal", "resnet", "none")
+KERNEL_INITS = ("official", "torch_default", "lecun_normal", "glorot_normal", "he_normal")
+
+
+class ConfigError(ValueError):
+  """An impossible configuration value."""
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults (the official ImageNet Bi-Real-18 recipe where one exists)."""
+  c = ml_collections.ConfigDict()
+  c.mode = "train"  # "train" (with periodic eval) | "eval" (top-1/top-5 of the workdir checkpoint)
+  c.seed = 0
+
+  # Data: read by bireal_jax.input_pipeline.
+  c.dataset = "imagenet2012"
+  c.data_dir = config_dict.placeholder(str)  # None: the tfds default
+  c.manual_dir = config_dict.placeholder(str)  # where ILSVRC2012_img_{train,val}.tar live
+  c.image_size = 224
+  c.eval_split = "validation"
+  c.cache = False
+  c.shuffle_buffer_size = 16_384
+  c.augment = "crop_flip"
+  c.prefetch = 2  # host batches prepared ahead (tf.data) and batches kept ahead on the devices
+
+  # Model: bireal_jax.models.get(model, **overrides). None = the named model's own default.
+  c.model = "bireal18"
+  c.base_width = 64
+  c.stem = "imagenet"
+  c.activation = config_dict.placeholder(str)  # e.g. "approx_sign", "ste_sign", "hardtanh"
+  c.kernel_quantizer = config_dict.placeholder(str)  # e.g. "magnitude_aware", "official", "none"
+  c.binary_kernel_init = "official"
+  c.shortcut = "bireal"
+  c.bn_momentum = 0.9
+  c.bn_epsilon = 1e-5
+  c.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
+
+  # Optimisation. `step` counts optimizer updates of `batch_size` images.
+  c.optimizer = "adam"
+  c.learning_rate = 1e-3
+  c.momentum = 0.9  # sgd
+  c.nesterov = False
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.weight_decay = 0.0
+  c.weight_decay_on = "kernels"  # "kernels": conv/dense kernels only (no BN, no bias) | "all"
+  c.lr_schedule = "linear_epoch"  # lr * (1 - epoch / num_epochs), stepped once per epoch
+  c.lr_boundaries = (10.0, 15.0)  # epochs, for "piecewise"
+  c.lr_decay_factor = 0.1  # for "piecewise"
+  c.warmup_epochs = 0.0
+  c.label_smoothing = 0.1  # train loss only
+  c.latent_weight_clip = 0.0  # > 0: clip binary latent kernels to [-c, c] after each update
+  c.batch_size = 512  # global, over all devices and processes
+  c.eval_batch_size = 512  # global
+  c.grad_accum_steps = 1  # micro-batches of batch_size / grad_accum_steps per update
+  c.num_epochs = 256.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.eval_every_epochs = 1.0
+  c.steps_per_eval = -1  # -1: the whole eval split
+
+  # Devices and hosts.
+  c.mapping = "pmap"  # "pmap" | "shard_map": the same per-device step, mapped two ways
+  c.distributed = "auto"  # "auto": jax.distributed.initialize when a coordinator is named
+  c.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0
+  c.num_processes = config_dict.placeholder(int)
+  c.process_id = config_dict.placeholder(int)
+
+  # Two-step training (paper §3.4): start the binary net from a real-valued clip checkpoint.
+  c.init_from = config_dict.placeholder(str)  # workdir (or checkpoint dir) of the clip run
+  c.bn_reestimate_steps = 0  # train-mode passes with ±1 weights updating only BN statistics
+
+  # Checkpoints and logging.
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.log_every_steps = 50
+  c.progress_bar = True
+  c.tensorboard = True
+  c.export_inference = True  # write workdir/inference (float params + BN stats + model JSON)
+  return c
+
+
+def _fail(key: str, value, expected: str):
+  raise ConfigError(f"config.{key}={value!r} is invalid: expected {expected}")
+
+
+def _choice(c, key, choices):
+  if c[key] not in choices:
+    _fail(key, c[key], f"one of {list(choices)}")
+
+
+def _positive(c, key, kind=int, allow_zero=False):
+  v = c[key]
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (
+      v >= 0 if allow_zero else v > 0)
+  if kind is int:
+    ok = ok and float(v).is_integer()
+  if not ok or (isinstance(v, float) and not math.isfinite(v)):
+    _fail(key, v, f"a {'non-negative' if allow_zero else 'positive'} "
+          f"{'integer' if kind is int else 'number'}")
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: Optional[int] = None,
+             process_count: Optional[int] = None) -> None:
+  """Raise `ConfigError` for the first impossible value. Device checks need `device_count`."""
+  c = config
+  _choice(c, "mode", MODES)
+  _choice(c, "dataset", DATASETS)
+  if c.dataset == "fashion_mnist":
+    _choice(c, "augment", AUGMENTS)
+  _positive(c, "image_size")
+  _positive(c, "shuffle_buffer_size")
+  _positive(c, "prefetch", allow_zero=True)
+  if c.model not in models.names():
+    _fail("model", c.model, f"one of {models.names()}")
+  _positive(c, "base_width")
+  _choice(c, "stem", STEMS)
+  _choice(c, "shortcut", SHORTCUTS)
+  _choice(c, "binary_kernel_init", KERNEL_INITS)
+  valid_q = quantizers.names() + ["none"]
+  for key in ("activation", "kernel_quantizer"):
+    if c[key] is not None and c[key] not in valid_q:
+      _fail(key, c[key], f"None (the model's default) or one of {valid_q}")
+  if not 0.0 <= c.bn_momentum < 1.0:
+    _fail("bn_momentum", c.bn_momentum, "a decay in [0, 1)")
+  _positive(c, "bn_epsilon", float)
+  _choice(c, "dtype", DTYPES)
+
+  _choice(c, "optimizer", OPTIMIZERS)
+  _positive(c, "learning_rate", float)
+  if not 0.0 <= c.momentum < 1.0:
+    _fail("momentum", c.momentum, "a value in [0, 1)")
+  _positive(c, "weight_decay", float, allow_zero=True)
+  _choice(c, "weight_decay_on", WEIGHT_DECAY_ON)
+  _choice(c, "lr_schedule", SCHEDULES)
+  if c.lr_schedule == "piecewise":
+    b = list(c.lr_boundaries)
+    if not b or any(x <= 0 for x in b) or b != sorted(b):
+      _fail("lr_boundaries", c.lr_boundaries, "increasing positive epochs")
+    _positive(c, "lr_decay_factor", float)
+  _positive(c, "warmup_epochs", float, allow_zero=True)
+  if not 0.0 <= c.label_smoothing < 1.0:
+    _fail("label_smoothing", c.label_smoothing, "a value in [0, 1)")
+  _positive(c, "latent_weight_clip", float, allow_zero=True)
+  _positive(c, "batch_size")
+  _positive(c, "eval_batch_size")
+  _positive(c, "grad_accum_steps")
+  if c.batch_size % c.grad_accum_steps:
+    _fail("batch_size", c.batch_size,
+          f"a multiple of grad_accum_steps={c.grad_accum_steps}")
+  if c.num_train_steps <= 0:
+    _positive(c, "num_epochs", float)
+  _positive(c, "eval_every_epochs", float)
+  if c.steps_per_eval != -1:
+    _positive(c, "steps_per_eval")
+
+  _choice(c, "mapping", MAPPINGS)
+  _choice(c, "distributed", DISTRIBUTED)
+  if c.distributed == "on" and c.coordinator_address is not None:
+    if c.num_processes is None or c.process_id is None:
+      _fail("num_processes", c.num_processes,
+            "num_processes and process_id set whenever coordinator_address is set")
+  if c.num_processes is not None:
+    _positive(c, "num_processes")
+    if c.process_id is None or not 0 <= c.process_id < c.num_processes:
+      _fail("process_id", c.process_id, f"an integer in [0, {c.num_processes})")
+  _positive(c, "bn_reestimate_steps", allow_zero=True)
+  _positive(c, "checkpoint_every_steps")
+  _positive(c, "keep_checkpoints")
+  _positive(c, "log_every_steps")
+
+  if device_count is not None:
+    per_update = device_count * c.grad_accum_steps
+    if c.batch_size % per_update:
+      _fail("batch_size", c.batch_size,
+            f"a multiple of device_count × grad_accum_steps = {device_count} × "
+            f"{c.grad_accum_steps} = {per_update}")
+    if c.eval_batch_size % device_count:
+      _fail("eval_batch_size", c.eval_batch_size, f"a multiple of device_count={device_count}")
+  if process_count is not None and c.batch_size % process_count:
+    _fail("batch_size", c.batch_size, f"a multiple of process_count={process_count}")
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+  """Keyword arguments for `models.get(config.model, ...)` (num_classes added by the caller)."""
+  kw = dict(base_width=config.base_width, stem=config.stem,
+            binary_kernel_init=config.binary_kernel_init, shortcut=config.shortcut,
+            bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon, dtype=config.dtype)
+  if config.activation is not None:
+    kw["activation"] = config.activation
+  if config.kernel_quantizer is not None:
+    kw["kernel_quantizer"] = (None if config.kernel_quantizer == "none"
+                              else config.kernel_quantizer)
+  return kw

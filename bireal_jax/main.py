@@ -1,0 +1,105 @@
+"""Command line: train or evaluate a Bi-Real Net.
+
+    python -m bireal_jax.main --config=configs/fashion_mnist.py --workdir=runs/demo
+    python -m bireal_jax.main --config=configs/fashion_mnist.py --workdir=runs/demo --mode=eval
+    bireal-jax --config=configs/imagenet_bireal18.py --workdir=runs/r18 \\
+        --config.manual_dir=/data/imagenet --config.grad_accum_steps=4
+
+Any config key can be overridden with `--config.<key>=<value>`; the config is locked, so an
+unknown key is an error, and `bireal_jax.config.validate` rejects impossible values before
+any work starts. Several hosts: give every process the same command plus
+`--config.coordinator_address=HOST:PORT --config.num_processes=N --config.process_id=I`
+(or run under SLURM / Open MPI, which JAX detects).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bireal_jax import config as config_lib
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).",
+                                          lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the export.")
+flags.DEFINE_enum("mode", None, list(config_lib.MODES),
+                  "Overrides config.mode: 'train' (with periodic eval) or 'eval' (checkpoint "
+                  "in --workdir, on config.eval_split).")
+flags.DEFINE_string("eval_split", None, "Overrides config.eval_split (e.g. 'test', 'train').")
+
+
+def _wants_distributed(config) -> bool:
+  if config.distributed == "off":
+    return False
+  if config.distributed == "on":
+    return True
+  env = os.environ
+  return bool(config.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+              or int(env.get("SLURM_NTASKS", "1")) > 1
+              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def initialize_distributed(config) -> None:
+  """`jax.distributed.initialize` when the config or the environment asks for several hosts."""
+  if not _wants_distributed(config):
+    return
+  import jax
+  jax.distributed.initialize(coordinator_address=config.coordinator_address,
+                             num_processes=config.num_processes,
+                             process_id=config.process_id)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: expected only flags")
+  if FLAGS.workdir is None:
+    raise app.UsageError("--workdir is required")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax/JAX INFO lines would bury the progress bar
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config=<file.py> is required")
+  with config.unlocked():
+    if FLAGS.mode:
+      config.mode = FLAGS.mode
+    if FLAGS.eval_split:
+      config.eval_split = FLAGS.eval_split
+  try:
+    config_lib.validate(config)  # before touching devices, data or the workdir
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+  initialize_distributed(config)
+  from bireal_jax import checkpoint, train  # imports JAX/Orbax only once the config is good
+  import jax
+  if jax.process_index() == 0:
+    print(f"bireal_jax: {config.mode} {config.model} on {config.dataset}, "
+          f"{jax.device_count()} device(s) in {jax.process_count()} process(es), "
+          f"workdir {FLAGS.workdir}", flush=True)
+  try:
+    if config.mode == "train":
+      result = train.train_and_evaluate(config, FLAGS.workdir)
+    else:
+      result = train.evaluate_checkpoint(config, FLAGS.workdir)
+  except (config_lib.ConfigError, checkpoint.CheckpointError, train.TrainingDiverged,
+          FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  logging.info("result: %s", result)
+
+
+def run():
+  """Console-script entry point (`bireal-jax`)."""
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
