@@ -6,13 +6,16 @@ PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+LARQ_VENV ?= .venv-larq
 
-.PHONY: test demo venv data clean
+.PHONY: test demo venv data clean larq-env
 
+# torch (converter tests) is pinned to the CPU wheel first: unpinned, pip picks the CUDA build.
 venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
@@ -23,7 +26,14 @@ data:
 	  (apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)); \
 	else echo "no Debian package here: tfds will download Fashion-MNIST"; fi
 
-test: venv data
+# larq-zoo (the converter test's peer) imports only with TF < 2.17 and Keras 2: own venv.
+larq-env: $(LARQ_VENV)/.installed
+$(LARQ_VENV)/.installed:
+	$(PYTHON) -m venv $(LARQ_VENV)
+	$(LARQ_VENV)/bin/python -m pip install larq larq-zoo "tensorflow-cpu<2.17" "tf-keras<2.17"
+	touch $@
+
+test: venv data larq-env
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" $(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 demo: venv data
