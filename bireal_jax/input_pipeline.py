@@ -32,9 +32,10 @@ Semantics shared by both datasets:
     mask 0), so collective eval steps stay in lock-step.
   * Train epochs: this process's shard in an order drawn from (seed, process index, epoch);
     `shard // batch_size` batches per epoch, batches never straddle epochs (the dropped remainder
-    differs each epoch). Random augmentation is seeded per example from (seed, process index,
-    epoch, position in the epoch) with tf.random.stateless_* ops, so an iterator started at step
-    k yields exactly what a fresh one yields from its k-th batch on. Resuming ImageNet mid-epoch
+    differs each epoch). Random augmentation comes from tf.random.stateless_* ops seeded from
+    (seed, process index, epoch, position in the epoch: per example for ImageNet, per batch
+    for Fashion-MNIST, which augments a whole batch at once), so an iterator started at step k
+    yields exactly what a fresh one yields from its k-th batch on. Resuming ImageNet mid-epoch
     reads (without decoding) the part of the epoch already seen; Fashion-MNIST skips indices only.
   * Images: float32 [H, W, C]; pixels scaled to [0, 1], then normalised with the dataset's
     per-channel mean/std (Fashion-MNIST's train set: 0.2860/0.3530; ImageNet's usual
@@ -124,7 +125,8 @@ def _image_size(config) -> int:
 
 
 def _prefetch(config) -> int:
-  p = int(config.get("prefetch", 2))
+  p = config.get("prefetch", None)
+  p = 2 if p is None else int(p)
   return tf.data.AUTOTUNE if p < 0 else p
 
 
@@ -380,14 +382,6 @@ def _fmnist_eval(config, batch_size, split, pidx, pcount):
 
 # --------------------------------------------------------------------------- ImageNet
 
-def imagenet_manual_dir(config, builder=None) -> str:
-  manual_dir = _get(config, "manual_dir")
-  if manual_dir:
-    return os.fspath(manual_dir)
-  builder = builder or tfds.builder("imagenet2012", data_dir=config.get("data_dir"))
-  return os.fspath(builder.data_dir_root / "downloads" / "manual")  # tfds' own default
-
-
 @functools.lru_cache(maxsize=4)
 def _imagenet_builder_cached(data_dir, manual_dir):
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
@@ -437,10 +431,8 @@ def random_resized_crop_window(image_hw, key):
   x = tf.floor(u[3] * (width - w + 1))
   k = tf.argmax(tf.cast(fits, tf.int32))  # first fitting attempt (0 when none fits)
   in_ratio = width / height
-  fb_w = tf.where(in_ratio > RRC_RATIO[1], tf.round(height * RRC_RATIO[1]), width)
-  fb_h = tf.where(in_ratio < RRC_RATIO[0], tf.round(width / RRC_RATIO[0]), height)
-  fb_w = tf.where(in_ratio < RRC_RATIO[0], width, fb_w)
-  fb_h = tf.where(in_ratio > RRC_RATIO[1], height, fb_h)
+  fb_w = tf.where(in_ratio > RRC_RATIO[1], tf.round(height * RRC_RATIO[1]), width)  # too wide
+  fb_h = tf.where(in_ratio < RRC_RATIO[0], tf.round(width / RRC_RATIO[0]), height)  # too tall
   ok = tf.reduce_any(fits)
   window = tf.where(ok, tf.stack([y[k], x[k], h[k], w[k]]),
                     tf.stack([tf.floor((height - fb_h) / 2), tf.floor((width - fb_w) / 2),
@@ -465,12 +457,11 @@ def imagenet_train_image(jpeg, size: int, key):
 def imagenet_eval_image(jpeg, size: int):
   """Encoded JPEG -> resize shorter side to 256*size/224, centre crop size, normalise."""
   x = tf.image.decode_jpeg(jpeg, channels=3)
-  hw = tf.cast(tf.shape(x)[:2], tf.float32)
+  h, w = tf.unstack(tf.cast(tf.shape(x)[:2], tf.float64))
   short = float(round(256 * size / 224))
-  # As torchvision Resize(int): the longer side is truncated, not rounded.
-  new_hw = tf.cast(tf.where(hw == tf.reduce_min(hw), short, tf.floor(hw * short /
-                                                                     tf.reduce_min(hw))), tf.int32)
-  # Square images: both sides are the minimum, so both become `short`.
+  # As torchvision Resize(int): shorter side -> `short`, the longer one truncated, not rounded.
+  new_hw = tf.cast(tf.where(h <= w, tf.stack([short, tf.floor(w * short / h)]),
+                            tf.stack([tf.floor(h * short / w), short])), tf.int32)
   x = tf.image.resize(x, new_hw, method="bilinear", antialias=True)
   top = tf.cast(tf.round(tf.cast(new_hw[0] - size, tf.float32) / 2), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_hw[1] - size, tf.float32) / 2), tf.int32)

@@ -307,3 +307,16 @@ def test_eval_split_slices_and_uneven_step_counts(synth_dir):
   b = next(ip.create_eval_iter(cfg, batch_size=10, split="test[-10:]", process_index=0,
                                process_count=1))
   np.testing.assert_array_equal(ids(b), np.arange(9990, 10000))
+
+
+def test_process_defaults_come_from_jax_and_cli_prints_info(synth_dir, capsys):
+  import jax
+  cfg = config(synth_dir, eval_split="test[:30]")
+  explicit = list(ip.create_eval_iter(cfg, batch_size=16, process_index=jax.process_index(),
+                                      process_count=jax.process_count()))
+  default = list(ip.create_eval_iter(cfg, batch_size=16))
+  assert len(default) == len(explicit) == 2
+  for a, b in zip(default, explicit):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  ip.main(["--dataset", "fashion_mnist", "--manual_dir", synth_dir])
+  assert "num_train=60000, num_eval=10000" in capsys.readouterr().out
