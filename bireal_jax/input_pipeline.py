@@ -369,15 +369,23 @@ def _fmnist_train(config, batch_size, seed, start_step, pidx, pcount):
 
 
 def _fmnist_eval(config, batch_size, split, pidx, pcount):
-  name, start, end = resolve_split(split, _fmnist_sizes())
-  images, labels = fashion_mnist_arrays(config)[name]
+  arrays = fashion_mnist_arrays(config)
+  name, start, end = resolve_split(split, {s: len(v[1]) for s, v in arrays.items()})
+  images, labels = arrays[name]
   a, b = shard_range(start, end, pidx, pcount, drop_remainder=False)
   size = _image_size(config)
-  ds = tf.data.Dataset.from_tensor_slices((images[a:b], labels[a:b]))
-  ds = ds.map(lambda x, y: {"image": _fmnist_preprocess(x[None], size)[0], "label": y,
-                            "mask": tf.constant(1.0)}, num_parallel_calls=tf.data.AUTOTUNE)
-  return _pad_and_batch(ds, b - a, _eval_batches(end - start, pcount, batch_size), batch_size,
-                        (size, size, 1), _prefetch(config))
+  # Padded in numpy, then preprocessed a whole batch at a time (per-example maps are ~50x slower).
+  total = _eval_batches(end - start, pcount, batch_size) * batch_size
+  mask = np.zeros(total, np.float32)
+  mask[:b - a] = 1.0
+  x = np.zeros((total, 28, 28, 1), np.uint8)
+  x[:b - a] = images[a:b]
+  y = np.zeros(total, np.int32)
+  y[:b - a] = labels[a:b]
+  ds = tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(batch_size)
+  ds = ds.map(lambda x, y, m: {"image": _fmnist_preprocess(x, size) * m[:, None, None, None],
+                               "label": y, "mask": m}, num_parallel_calls=tf.data.AUTOTUNE)
+  return iter(ds.prefetch(_prefetch(config)).as_numpy_iterator())
 
 
 # --------------------------------------------------------------------------- ImageNet
