@@ -1,4 +1,4 @@
-"""BinaryConv against an independent numpy convolution; Bi-Real blocks' wiring, dtypes and errors."""
+"""BinaryConv against an independent numpy convolution; Bi-Real blocks' wiring, dtypes, errors."""
 import functools
 
 import flax.linen as nn
@@ -101,7 +101,8 @@ def test_binary_conv_input_gradient_follows_approx_sign():
   params = {"params": {"kernel": jnp.full((1, 1, 1, 1), -0.3)}}
   g = jax.grad(lambda x: conv.apply(params, x).sum())(x).reshape(-1)
   xs = np.asarray(x).reshape(-1)
-  approx = np.where((xs >= -1) & (xs < 0), 2 + 2 * xs, np.where((xs >= 0) & (xs < 1), 2 - 2 * xs, 0))
+  approx = np.where((xs >= -1) & (xs < 0), 2 + 2 * xs,
+                    np.where((xs >= 0) & (xs < 1), 2 - 2 * xs, 0))
   np.testing.assert_allclose(g, -0.3 * approx, rtol=1e-6, atol=1e-7)
 
 

@@ -72,7 +72,8 @@ def test_bottleneck_models_build_with_the_expected_parameter_count(name, stages)
 @pytest.mark.parametrize("name", ["bireal18", "bireal50"])
 def test_real_twin_has_the_identical_parameter_tree(name):
   binary = _shapes(name)
-  for twin in (_shapes(f"{name}_real"), _shapes(name, activation="hardtanh", kernel_quantizer=None)):
+  for twin in (_shapes(f"{name}_real"),
+               _shapes(name, activation="hardtanh", kernel_quantizer=None)):
     assert jax.tree.structure(twin) == jax.tree.structure(binary)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), twin) == jax.tree.map(
         lambda a: (a.shape, a.dtype), binary)

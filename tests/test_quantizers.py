@@ -1,4 +1,4 @@
-"""Quantizers: forward values, surrogate gradients vs the paper's formulas, transformations, dtypes."""
+"""Quantizers: forward values, surrogate gradients vs the paper's formulas, transforms, dtypes."""
 import jax
 import jax.numpy as jnp
 import numpy as np
