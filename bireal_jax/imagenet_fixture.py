@@ -51,7 +51,8 @@ def _tfds_imagenet_file(name: str) -> str:
     raise ImportError("tensorflow_datasets is not installed; it is needed for the ImageNet fixture")
   path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "imagenet2012", name)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: this tensorflow_datasets has no imagenet2012 {name}")
+    raise FileNotFoundError(f"{path} not found: this tensorflow_datasets has no imagenet2012 "
+                            f"{name}")
   return path
 
 
@@ -136,3 +137,12 @@ def write_imagenet_archives(manual_dir: str, *, num_val: int = 4, train_per_clas
       manual_dir=manual_dir, synsets=synsets, labels=tuple(index[s] for s in synsets),
       colors=tuple(color[s] for s in synsets), train_files=train_files,
       val_files=dict(sorted(val_files.items())), grayscale_files=tuple(gray))
+
+
+def tiny_imagenet_dirs(folder: str, **kwargs) -> dict[str, str]:
+  """Config overrides for a dry run: archives in `folder`/manual (written once), tfds data in
+  `folder`/tfds. `kwargs` go to `write_imagenet_archives` on the first call."""
+  manual_dir = os.path.join(folder, "manual")
+  if not all(os.path.isfile(os.path.join(manual_dir, f)) for f in (TRAIN_TAR, VAL_TAR)):
+    write_imagenet_archives(manual_dir, **kwargs)
+  return {"manual_dir": manual_dir, "data_dir": os.path.join(folder, "tfds")}

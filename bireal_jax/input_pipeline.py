@@ -5,12 +5,13 @@ hides GPUs/TPUs from TensorFlow on import, so tf.data never takes accelerator me
 
 Config keys read (an ml_collections ConfigDict; a missing key takes its default):
   dataset              "fashion_mnist" | "imagenet2012" (required).
-  data_dir             tfds data dir; None = tfds' default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  data_dir             tfds data dir; None = tfds' default ($TFDS_DATA_DIR or
+                       ~/tensorflow_datasets).
   manual_dir           fashion_mnist: folder with the four original IDX .gz files, default
                        "/usr/share/datasets/fashion-mnist" (Debian's dataset-fashion-mnist); read
                        directly when present, else tfds downloads the dataset.
-                       imagenet2012: folder with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar,
-                       needed once to prepare the tfds dataset; default <data_dir>/downloads/manual.
+                       imagenet2012: folder with ILSVRC2012_img_train.tar and
+                       ILSVRC2012_img_val.tar, needed once to prepare the tfds dataset; default <data_dir>/downloads/manual.
   image_size           side of the square model input: default 28 (fashion_mnist; other sizes are
                        resized bilinearly) and 224 (imagenet2012).
   eval_split           default "test" (fashion_mnist), "validation" (imagenet2012); a tfds-style
@@ -153,7 +154,7 @@ _SPLIT_RE = re.compile(r"^\s*(\w+)\s*(?:\[\s*(-?[\d_]+%?)?\s*:\s*(-?[\d_]+%?)?\s
 
 
 def resolve_split(spec: str, sizes: dict[str, int]) -> tuple[str, int, int]:
-  """`"name"` or `"name[from:to]"` (ints, negative ints or percents, as tfds) -> (name, start, end)."""
+  """`"name"` or `"name[from:to]"` (ints, negative ints or percents, as tfds) -> (name, a, b)."""
   m = _SPLIT_RE.match(str(spec))
   if not m:
     raise ValueError(f"split {spec!r} not understood; expected 'name' or 'name[from:to]' with "
@@ -296,7 +297,7 @@ def _fmnist_arrays_cached(manual_dir: str, data_dir: str | None, stamp) -> dict:
 
 
 def fashion_mnist_arrays(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{split: (uint8 [N, 28, 28, 1], int32 [N])}, from manual_dir if the files are there, else tfds."""
+  """{split: (uint8 [N, 28, 28, 1], int32 [N])} from the IDX files in manual_dir, else tfds."""
   manual_dir = _get(config, "manual_dir")
   stamp = []
   for files in FMNIST_FILES.values():
@@ -402,7 +403,7 @@ def _imagenet_builder_cached(data_dir, manual_dir):
     raise FileNotFoundError(
         f"ImageNet (tfds imagenet2012) is not prepared in {builder.data_dir} and cannot be built: "
         f"searched manual_dir={manual_dir!r} for {listed}. Download both archives from "
-        "https://image-net.org/download-images into one folder and set config.manual_dir to it "
+        "https://image-net.org/download-images into one folder and point manual_dir at it "
         "(preparation runs once and writes the dataset under data_dir).")
   logging.info("Preparing imagenet2012 from %s into %s (once; hours for the full archives)",
                manual_dir, builder.data_dir)

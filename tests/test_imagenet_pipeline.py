@@ -192,3 +192,13 @@ def test_missing_archives_error_lists_files_and_folder(tmp_path):
   with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_val.tar \\(MISSING\\)") as e:
     ip.create_train_iter(cfg, batch_size=2, seed=0, process_index=0, process_count=1)
   assert os.path.join(str(tmp_path / "tfds"), "downloads", "manual") in str(e.value)
+
+
+def test_tiny_imagenet_dirs_for_a_dry_run(tmp_path):
+  dirs = fx.tiny_imagenet_dirs(str(tmp_path), num_val=2, train_per_class=1)
+  assert dirs == {"manual_dir": str(tmp_path / "manual"), "data_dir": str(tmp_path / "tfds")}
+  train = tmp_path / "manual" / fx.TRAIN_TAR
+  with tarfile.open(train) as tar:
+    assert len(tar.getnames()) == 2  # one per-synset tar per class
+  stamp = train.stat().st_mtime_ns
+  assert fx.tiny_imagenet_dirs(str(tmp_path)) == dirs and train.stat().st_mtime_ns == stamp

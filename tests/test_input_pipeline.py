@@ -21,8 +21,7 @@ REAL_PRESENT = all(os.path.exists(os.path.join(REAL_DIR, f))
 def write_idx(path, array, type_code=0x08, compress=True):
   array = np.asarray(array, np.uint8)
   header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-  opener = (lambda p: gzip.open(p, "wb", compresslevel=1)) if compress else (lambda p: open(p, "wb"))
-  with opener(path) as f:
+  with (gzip.open(path, "wb", compresslevel=1) if compress else open(path, "wb")) as f:
     f.write(header + array.tobytes())
 
 
@@ -243,8 +242,9 @@ def test_crop_flip_is_a_padded_crop_or_its_mirror(synth_dir):
   got = pixels(aug["image"])[..., 0]
   found = []
   for s, g in zip(src, got):
-    matches = [(dy, dx, flip) for dy in range(5) for dx in range(5) for flip in (False, True)
-               if np.array_equal((lambda c: c[:, ::-1] if flip else c)(s[dy:dy + 28, dx:dx + 28]), g)]
+    crops = {(dy, dx): s[dy:dy + 28, dx:dx + 28] for dy in range(5) for dx in range(5)}
+    matches = [(dy, dx, flip) for (dy, dx), c in crops.items() for flip in (False, True)
+               if np.array_equal(c[:, ::-1] if flip else c, g)]
     assert matches, "augmented image is not a crop/flip of its source"
     found.append(matches[0])
   assert len(set(found)) > 10  # offsets and flips vary across the batch
