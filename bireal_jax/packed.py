@@ -375,6 +375,20 @@ def _real(e, x, stride, pad):
   return _affine(y, e) if "scale" in e else y
 
 
+def _max_pool_3x3_s2(x):
+  """Max-pool 3×3, stride 2, padding 1 (-inf), as the max of 9 strided slices: bitwise equal to
+  `nn.max_pool`, and one elementwise fusion (XLA CPU's reduce_window took ~1 ms per 224² image)."""
+  n, h, w, c = x.shape
+  ho, wo = _out_size(h, 3, 2, 1), _out_size(w, 3, 2, 1)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  out = None
+  for i in range(3):
+    for j in range(3):
+      t = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * 2 + 1, j + (wo - 1) * 2 + 1, c), (1, 2, 2, 1))
+      out = t if out is None else jnp.maximum(out, t)
+  return out
+
+
 def _downsample(e, x, stride):
   if stride > 1:
     x = _avg_pool(x, stride)
@@ -433,9 +447,7 @@ def _forward_batch(config, params, images, impl):
   stem = params["stem"]
   x = images.astype(jnp.float32)
   if config["stem"] == "imagenet":
-    x = _real(stem, x, 2, 3)
-    x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                          ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = _max_pool_3x3_s2(_real(stem, x, 2, 3))
   else:
     x = _real(stem, x, 1, 1)
   if config["block"] == "basic":

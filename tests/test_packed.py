@@ -1,0 +1,278 @@
+"""Packed inference (bireal_jax.packed): bit packing, exact XOR/popcount convs, folded models, export.
+
+Models here are tiny (base_width 8, one or two blocks per stage) with random, trained-looking
+variables: random-sign kernels and BN statistics / scales (some negative) far from their init, so
+that the folding of α and BN and every border correction is exercised.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bireal_jax import models, packed, quantizers
+
+
+def _conv_pm1(x, kernel, stride, pad):
+  """Reference D: float conv of sign(x) and sign(W), zero padding (exact small integers)."""
+  return jax.lax.conv_general_dilated(
+      quantizers.binary_sign(x), quantizers.binary_sign(kernel), (stride, stride),
+      [(pad, pad), (pad, pad)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def _trained_looking(variables, seed):
+  """Replace every leaf with random values of a trained net's kind (not the init values)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    shape = np.shape(leaf)
+    if "'var'" in name:
+      return rng.uniform(0.3, 3.0, shape).astype(np.float32)
+    if "'mean'" in name:
+      return rng.normal(0, 0.5, shape).astype(np.float32)
+    if "'scale'" in name:  # some negative BN scales: the folded affine must keep the sign
+      return (rng.uniform(0.5, 1.5, shape) * rng.choice([-1, 1], shape, p=[.2, .8])).astype(
+          np.float32)
+    if "'bias'" in name:
+      return rng.normal(0, 0.3, shape).astype(np.float32)
+    return rng.normal(0, 0.1, shape).astype(np.float32)  # kernels: random signs and magnitudes
+
+  return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+def _model_and_vars(name, size, seed=0, **kw):
+  model = models.get(name, base_width=8, num_classes=10, **kw)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  return model, _trained_looking(shapes, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit packing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 64, 100])
+def test_pack_bits_round_trip_and_layout(n):
+  rng = np.random.default_rng(n)
+  bits = rng.random((3, n)) < 0.5
+  words = np.asarray(packed.pack_bits(bits))
+  assert words.dtype == np.uint32 and words.shape == (3, -(-n // 32))
+  np.testing.assert_array_equal(np.asarray(packed.unpack_bits(words, n)), bits)
+  # documented layout: element i is bit i % 32 of word i // 32, tail bits 0
+  expect = np.zeros_like(words)
+  for r, i in zip(*np.nonzero(bits)):
+    expect[r, i // 32] |= np.uint32(1) << np.uint32(i % 32)
+  np.testing.assert_array_equal(words, expect)
+
+
+def test_pack_signs_matches_binary_sign_including_zero():
+  x = jnp.array([0.0, -0.0, -1e-30, 1e-30, -3.0, 2.0], jnp.float32)
+  bits = np.asarray(packed.unpack_bits(packed.pack_signs(x), 6))
+  np.testing.assert_array_equal(bits, [False, False, True, False, True, False])
+  np.testing.assert_array_equal(np.asarray(packed.unpack_signs(packed.pack_signs(x), 6)),
+                                np.asarray(quantizers.binary_sign(x)))
+
+
+def test_pack_kernel_round_trip_with_channel_padding():
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 40, 24))  # 40 channels: 2 words, 24 pad
+  bits = packed.pack_kernel(kernel)
+  assert bits.shape == (3, 3, 2, 24) and bits.dtype == jnp.uint32
+  assert not np.any(np.asarray(bits[:, :, 1]) >> 8)  # tail bits of the last word are 0
+  np.testing.assert_array_equal(np.asarray(packed.unpack_kernel(bits, 40)),
+                                np.asarray(quantizers.binary_sign(kernel)))
+
+
+def test_unpack_bits_rejects_bad_input():
+  with pytest.raises(TypeError, match="uint32"):
+    packed.unpack_bits(jnp.zeros((2,), jnp.int32), 3)
+  with pytest.raises(ValueError, match="n=65"):
+    packed.unpack_bits(jnp.zeros((2,), jnp.uint32), 65)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact binary convolution
+# ---------------------------------------------------------------------------------------------
+
+CONV_CASES = [
+    # (h, w, cin, cout, k, stride, pad, group)
+    (13, 13, 8, 16, 3, 1, 1, None),
+    (15, 11, 40, 8, 3, 2, 1, None),  # odd, non-square, stride 2, channels not a multiple of 32
+    (14, 14, 64, 24, 3, 2, 1, 6),    # even size stride 2; 18 words summed 6 at a time (scan)
+    (7, 9, 64, 32, 3, 1, 1, 9),
+    (5, 5, 96, 16, 1, 1, 0, None),   # 1×1 conv (bottleneck), no padding
+]
+
+
+@pytest.mark.parametrize("h,w,cin,cout,k,stride,pad,group", CONV_CASES)
+def test_binary_convs_are_exact(h, w, cin, cout, k, stride, pad, group):
+  kx, kw_ = jax.random.split(jax.random.key(h * w + cin))
+  x = jax.random.normal(kx, (2, h, w, cin))
+  x = x.at[:, ::3, ::2, ::5].set(0.0)  # exact zeros: sign(0) = +1 on every path
+  kernel = jax.random.normal(kw_, (k, k, cin, cout))
+  ref = np.asarray(_conv_pm1(x, kernel, stride, pad)).astype(np.int64)
+  bits = packed.pack_kernel(kernel)
+  d_xor = jax.jit(packed.xor_popcount_conv, static_argnums=(2, 3, 4))(x, bits, stride, pad, group)
+  assert d_xor.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(d_xor), ref)
+  pm1 = packed.unpack_kernel(bits, cin, jnp.int8)
+  d_i8 = jax.jit(packed.int8_conv, static_argnums=(2, 3))(x, pm1, stride, pad)
+  assert d_i8.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(d_i8), ref)
+  np.testing.assert_array_equal(np.asarray(packed.float_conv(x, pm1.astype(jnp.float32), stride,
+                                                             pad)), ref)
+  if pad:  # the border correction is what makes the borders exact: it must be non-trivial
+    corr = np.asarray(packed.border_correction(bits, cin, h, w, stride, pad))
+    assert np.any(corr[0, :] != 0) and np.any(corr[:, 0] != 0)
+    assert not np.any(corr[1:-1, 1:-1])  # interior outputs never touch the padding
+
+
+def test_xor_conv_rejects_channel_mismatch():
+  bits = packed.pack_kernel(jnp.ones((3, 3, 64, 8)))
+  with pytest.raises(ValueError, match="input has 96 channels"):
+    packed.xor_popcount_conv(jnp.ones((1, 5, 5, 96)), bits, 1, 1)
+  with pytest.raises(ValueError, match="group=5"):
+    packed.xor_popcount_conv(jnp.ones((1, 5, 5, 64)), bits, 1, 1, group=5)
+
+
+def test_word_group_fits_cache_and_divides():
+  for kw, o in [(18, 64), (36, 128), (72, 256), (144, 512), (72, 512), (16, 2048)]:
+    g = packed.word_group(kw, o, backend="cpu")
+    assert kw % g == 0 and g >= 16
+  assert packed.word_group(144, 512, backend="cpu") == 16  # 16·512·4 B = 32 KiB
+  assert packed.word_group(144, 512, backend="gpu") == 144
+
+
+# ---------------------------------------------------------------------------------------------
+# Folded / packed models against the float model
+# ---------------------------------------------------------------------------------------------
+
+MODEL_CASES = [
+    # (name, image size, overrides, impls)
+    ("bireal18", 13, dict(stem="small", stage_sizes=(2, 1, 1, 1)), packed.IMPLS),
+    ("bireal18", 36, dict(stem="imagenet", stage_sizes=(1, 1, 1, 1)), packed.IMPLS),
+    ("bireal18", 15, dict(stem="small", stage_sizes=(2, 1, 1, 1), shortcut="resnet",
+                          kernel_quantizer="sign"), ("xor", "int8")),
+    ("bireal50", 15, dict(stem="small", stage_sizes=(1, 1, 1, 1)), ("xor", "int8")),
+]
+
+
+@pytest.mark.parametrize("name,size,kw,impls", MODEL_CASES,
+                         ids=["basic-13px", "basic-imagenet-36px", "resnet-sign-15px",
+                              "bottleneck-15px"])
+def test_packed_model_matches_float_model(name, size, kw, impls):
+  model, variables = _model_and_vars(name, size, **kw)
+  x = jax.random.normal(jax.random.key(7), (3, size, size, 3))
+  ref = np.asarray(jax.jit(model.apply)(variables, x))
+  assert np.ptp(ref, axis=-1).min() > 0.1 and np.ptp(ref, axis=0).max() > 0.01  # not degenerate
+  pm = packed.pack(model, variables)
+  scale = np.abs(ref).max()
+  for impl in impls:
+    out = np.asarray(pm(x, impl=impl))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * scale, err_msg=impl)
+    np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1), err_msg=impl)
+  if size == 13:  # micro-batching with a remainder (2 + 1 images) gives the same logits
+    np.testing.assert_allclose(np.asarray(pm(x, impl="xor", micro_batch=2)), ref, rtol=0,
+                               atol=2e-5 * scale)
+
+
+def test_packed_model_is_a_jittable_pytree_and_uses_its_bits():
+  model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))
+  x = jax.random.normal(jax.random.key(3), (2, 13, 13, 3))
+  pm = packed.pack(model, variables, impl="xor")
+  out = pm(x)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda m, x: m(x))(pm, x)), np.asarray(out))
+  # flipping the sign of one output channel's kernel in the last binary conv changes the logits
+  flipped = jax.tree.map(lambda a: a, pm.params)
+  flipped["layer4_0"] = dict(flipped["layer4_0"], bits=np.asarray(pm.params["layer4_0"]["bits"]) ^
+                             np.uint32(0xFFFFFFFF))
+  assert not np.allclose(np.asarray(packed.PackedModel(pm.config, flipped, "xor")(x)),
+                         np.asarray(out), atol=1e-3)
+
+
+def test_folded_affine_formula():
+  """s = γ·α/√(σ²+ε), b = β − μ·γ/√(σ²+ε) for one binary conv of a packed model."""
+  model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))
+  pm = packed.pack(model, variables)
+  p, s = variables["params"]["layer2_0"], variables["batch_stats"]["layer2_0"]
+  k = np.asarray(p["binary_conv"]["kernel"], np.float64)
+  alpha = np.abs(k).mean(axis=(0, 1, 2))
+  mul = np.asarray(p["bn1"]["scale"]) / np.sqrt(np.asarray(s["bn1"]["var"], np.float64) + 1e-5)
+  np.testing.assert_allclose(pm.params["layer2_0"]["scale"], mul * alpha, rtol=1e-6)
+  np.testing.assert_allclose(pm.params["layer2_0"]["bias"],
+                             np.asarray(p["bn1"]["bias"]) - np.asarray(s["bn1"]["mean"]) * mul,
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_pack_rejects_non_binary_models():
+  for name, kw, match in [("bireal18_real", {}, "activation='hardtanh'"),
+                          ("bireal18", dict(kernel_quantizer=None), "kernel_quantizer=None")]:
+    model, variables = _model_and_vars(name, 13, stem="small", stage_sizes=(1, 1, 1, 1), **kw)
+    with pytest.raises(ValueError, match=match):
+      packed.pack(model, variables)
+  model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))
+  with pytest.raises(ValueError, match="'params' and 'batch_stats'"):
+    packed.pack(model, variables["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Export / load
+# ---------------------------------------------------------------------------------------------
+
+_LOAD_SCRIPT = """
+import sys, numpy as np
+from bireal_jax import packed
+m = packed.load(sys.argv[1])
+np.save(sys.argv[3], np.asarray(m(np.load(sys.argv[2]))))
+bad = sorted(k for k in sys.modules if k.split(".")[0] in ("tensorflow", "optax", "torch"))
+assert not bad, bad
+"""
+
+
+def test_export_then_load_in_a_separate_process(tmp_path):
+  model, variables = _model_and_vars("bireal18", 15, stem="small", stage_sizes=(1, 1, 1, 1))
+  x = np.asarray(jax.random.normal(jax.random.key(5), (2, 15, 15, 3)))
+  path = tmp_path / "packed"
+  pm = packed.export(path, model, variables)
+  assert sorted(os.listdir(path)) == ["config.json", "packed.json", "params"]
+  with open(path / "config.json") as f:
+    assert models.from_config(json.load(f)) == model
+  with pytest.raises(FileExistsError, match="already exists"):
+    packed.export(path, model, variables)
+  expected = np.asarray(pm(x))
+  np.testing.assert_array_equal(np.asarray(packed.load(path)(x)), expected)
+  np.save(tmp_path / "x.npy", x)
+  subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path), str(tmp_path / "x.npy"),
+                  str(tmp_path / "y.npy")], check=True, timeout=300,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
+
+
+def test_load_rejects_other_directories(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a packed export"):
+    packed.load(tmp_path)
+  (tmp_path / "packed.json").write_text(json.dumps({"format": "other", "version": 1}))
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match="format 'other'"):
+    packed.load(tmp_path)
+
+
+def test_bireal18_packed_export_fits_4_2_mb(tmp_path):
+  """Full-size Bi-Real-18 (random-sign kernels, so the bits do not compress) takes ≤ 4.2 MB."""
+  model = models.get("bireal18")
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  variables = _trained_looking(shapes, seed=1)
+  pm = packed.export(tmp_path / "b18", model, variables)
+  bits = sum(np.asarray(l).size * 32 for p, l in jax.tree_util.tree_leaves_with_path(pm.params)
+             if "bits" in jax.tree_util.keystr(p))
+  assert bits == 10_985_472  # binary 3×3 weights of Bi-Real-18, 1 bit each, no padding words
+  # 1 bit per binary weight + 32 bits per real parameter (stem, downsample, fc, folded affines)
+  assert pm.num_bytes() == 10_985_472 // 8 + 4 * (9408 + 172032 + 513000 + 2 * 4800)
+  size = packed.directory_bytes(tmp_path / "b18")
+  print(f"packed Bi-Real-18 on disk: {size:,} bytes (payload {pm.num_bytes():,})")
+  assert size <= 4_200_000
