@@ -1,0 +1,225 @@
+"""Bi-Real Net's ablations at CPU scale on Fashion-MNIST (paper §4.2 / Table 1, IJCV §5).
+
+One command per study; every arm gets the same budget (model width, epochs, batch, optimiser),
+at least three seeds, and its result is saved as JSON and reused when present:
+
+  python experiments/ablations.py --study capacity      # Bi-Real vs 1-bit ResNet vs no shortcut
+  python experiments/ablations.py --study act_grad      # ApproxSign vs clipped STE vs identity STE
+  python experiments/ablations.py --study weight_grad   # magnitude-aware vs official vs sign (no α)
+  python experiments/ablations.py --study init          # clip-pretrained vs ReLU-pretrained vs scratch
+  python experiments/ablations.py --study recipe        # real twin (upper bound), full recipe, KD
+  python experiments/ablations.py --study all           # everything, then the plots
+
+Arms that are the same run (e.g. the from-scratch Bi-Real baseline appears in four studies) are
+trained once: results are keyed by their configuration, not by study. `--plot` only redraws
+plots and `experiments/results/ablations/summary.json` from saved results.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+OUT = os.path.join(ROOT, "experiments", "results", "ablations")
+
+# Real-valued twins used to initialise binary arms (same parameter tree, paper §3.4).
+CLIP_TWIN = dict(activation="hardtanh", kernel_quantizer="none")
+RELU_TWIN = dict(activation="relu", kernel_quantizer="none")
+BASE = dict(activation="approx_sign", kernel_quantizer="magnitude_aware", shortcut="bireal")
+
+# study -> [(arm label, overrides, teacher/init arm label or None)]
+STUDIES = {
+    "capacity": [
+        ("Bi-Real shortcut (every conv)", dict(BASE), None),
+        ("1-bit ResNet shortcut (every 2 convs)", dict(BASE, shortcut="resnet"), None),
+        ("no shortcut", dict(BASE, shortcut="none"), None),
+    ],
+    "act_grad": [
+        ("ApproxSign", dict(BASE), None),
+        ("clipped STE", dict(BASE, activation="ste_sign"), None),
+        ("identity STE (no clip)", dict(BASE, activation="identity_sign"), None),
+    ],
+    "weight_grad": [
+        ("magnitude-aware (paper/larq)", dict(BASE), None),
+        ("official PyTorch (no α in grad)", dict(BASE, kernel_quantizer="official"), None),
+        ("sign(W), no α", dict(BASE, kernel_quantizer="sign"), None),
+    ],
+    "init": [
+        ("clip-pretrained twin", dict(BASE), "real clip twin"),
+        ("ReLU-pretrained twin", dict(BASE), "real ReLU twin"),
+        ("from scratch", dict(BASE), None),
+    ],
+    "recipe": [
+        ("real clip twin", dict(CLIP_TWIN), None),
+        ("Bi-Real full recipe (clip init)", dict(BASE), "real clip twin"),
+        ("Bi-Real + KD from clip twin", dict(BASE, distill=True), "real clip twin"),
+    ],
+}
+TWINS = {"real clip twin": dict(CLIP_TWIN), "real ReLU twin": dict(RELU_TWIN)}
+
+
+def budget_config(args, overrides: dict, seed: int):
+  """The shared budget: configs/fashion_mnist.py scaled by the command-line budget flags."""
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import fashion_mnist  # noqa: E402  (configs/ are plain Python files)
+  c = fashion_mnist.get_config()
+  c.base_width = args.width
+  c.num_epochs = args.epochs
+  c.batch_size = args.batch_size
+  c.learning_rate = args.lr
+  c.seed = seed
+  c.eval_every_epochs = args.epochs / 4
+  c.checkpoint_every_steps = 10**9  # one final checkpoint: arms are short
+  c.progress_bar = False
+  c.tensorboard = False
+  c.export_inference = False
+  for k, v in overrides.items():
+    if k != "distill":
+      setattr(c, k, v)
+  return c
+
+
+def run_key(overrides: dict, init: str | None, seed: int, args) -> str:
+  blob = json.dumps(dict(overrides=overrides, init=init, seed=seed, width=args.width,
+                         epochs=args.epochs, batch=args.batch_size, lr=args.lr), sort_keys=True)
+  return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def run_arm(args, label: str, overrides: dict, init: str | None, seed: int) -> dict:
+  """Train one arm/seed (or reuse its saved JSON); returns the result record."""
+  key = run_key(overrides, init, seed, args)
+  path = os.path.join(OUT, "runs", f"{key}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  init_dir = None
+  if init is not None:  # the twin this arm starts from, trained first (same seed)
+    twin = run_arm(args, init, TWINS[init], None, seed)
+    init_dir = twin["workdir"]
+  from bireal_jax import train
+  c = budget_config(args, overrides, seed)
+  if init_dir is not None and not overrides.get("distill"):
+    c.init_from = init_dir
+  if overrides.get("distill"):
+    c.distill_from = init_dir
+  workdir = os.path.join(OUT, "workdirs", key)
+  print(f"=== {label} (seed {seed}) -> {workdir}", flush=True)
+  t0 = time.time()
+  ev = train.train_and_evaluate(c, workdir)
+  rec = dict(label=label, overrides=overrides, init=init, seed=seed, key=key, workdir=workdir,
+             top1=float(ev["top1"]), top5=float(ev["top5"]), loss=float(ev["loss"]),
+             steps=int(ev["step"]), seconds=time.time() - t0,
+             budget=dict(width=args.width, epochs=args.epochs, batch=args.batch_size, lr=args.lr))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(rec, f, indent=1)
+  print(f"    top-1 {100 * rec['top1']:.2f}%  ({rec['seconds']:.0f} s)", flush=True)
+  return rec
+
+
+def curves(workdir: str):
+  steps, loss, evs, top1 = [], [], [], []
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if r["split"] == "train":
+        steps.append(r["step"]); loss.append(r["loss"])
+      elif r["split"] == "eval":
+        evs.append(r["step"]); top1.append(r["top1"])
+  return steps, loss, evs, top1
+
+
+def summarize(results: dict[str, list[dict]]) -> dict:
+  table = {}
+  for study, arms in results.items():
+    table[study] = []
+    for label, recs in arms:
+      accs = [100 * r["top1"] for r in recs]
+      table[study].append(dict(arm=label, mean=statistics.mean(accs),
+                               std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                               seeds=len(accs), top1=accs,
+                               minutes=statistics.mean(r["seconds"] for r in recs) / 60))
+  return table
+
+
+def plot(results: dict[str, list[dict]], table: dict):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  for study, arms in results.items():
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, recs in arms:
+      s, l, e, t = curves(recs[0]["workdir"])
+      ax1.plot(s, l, label=label)
+      ax2.plot(e, [100 * v if v <= 1 else v for v in t], marker="o", label=label)
+    ax1.set(xlabel="step", ylabel="train loss", title=f"{study}: training loss (seed 0)")
+    ax2.set(xlabel="step", ylabel="test top-1 (%)", title=f"{study}: test top-1 (seed 0)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, f"curves_{study}.png"), dpi=90)
+    plt.close(fig)
+  rows = [(study, r) for study, rs in table.items() for r in rs]
+  fig, ax = plt.subplots(figsize=(10, 0.4 * len(rows) + 1.5))
+  ax.barh(range(len(rows)), [r["mean"] for _, r in rows], xerr=[r["std"] for _, r in rows],
+          color=[f"C{list(table).index(s)}" for s, _ in rows], capsize=3)
+  ax.set_yticks(range(len(rows)), [f"{s}: {r['arm']}" for s, r in rows], fontsize=8)
+  lo = min(r["mean"] - r["std"] for _, r in rows)
+  ax.set_xlim(max(0, lo - 2), 100)
+  ax.invert_yaxis()
+  ax.set_xlabel("Fashion-MNIST test top-1 (%), mean ± std over seeds")
+  fig.tight_layout()
+  fig.savefig(os.path.join(OUT, "final_accuracy.png"), dpi=90)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--study", default="all", choices=["all", *STUDIES])
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--width", type=int, default=8, help="base width of every arm")
+  p.add_argument("--epochs", type=float, default=2.0, help="epochs of every arm (and twin)")
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--plot", action="store_true", help="only redraw from saved results")
+  args = p.parse_args(argv)
+  if args.seeds < 1:
+    p.error(f"--seeds must be ≥ 1, got {args.seeds}")
+  studies = list(STUDIES) if args.study == "all" else [args.study]
+  results = {}
+  for study in studies:
+    results[study] = []
+    for label, overrides, init in STUDIES[study]:
+      recs = []
+      for seed in range(args.seeds):
+        if args.plot:
+          path = os.path.join(OUT, "runs", f"{run_key(overrides, init, seed, args)}.json")
+          if not os.path.exists(path):
+            continue
+          with open(path) as f:
+            recs.append(json.load(f))
+        else:
+          recs.append(run_arm(args, label, overrides, init, seed))
+      if recs:
+        results[study].append((label, recs))
+  table = summarize(results)
+  os.makedirs(OUT, exist_ok=True)
+  with open(os.path.join(OUT, f"summary_{args.study}.json"), "w") as f:
+    json.dump(table, f, indent=1)
+  plot(results, table)
+  print(f"\nFashion-MNIST test top-1, {args.seeds} seeds, width {args.width}, "
+        f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}")
+  for study, rows in table.items():
+    print(f"\n[{study}]")
+    for r in rows:
+      print(f"  {r['arm']:<40s} {r['mean']:6.2f} ± {r['std']:.2f}  "
+            f"(n={r['seeds']}, {r['minutes']:.1f} min/run)")
+
+
+if __name__ == "__main__":
+  main()
