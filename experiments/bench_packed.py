@@ -1,14 +1,22 @@
 """Benchmark packed Bi-Real inference against float emulation: latency (batch 1), img/s (batch N).
 
-  .venv/bin/python experiments/bench_packed.py --model bireal18 --size 224 --batch 1 32 --reps 7
+  .venv/bin/python experiments/bench_packed.py --model bireal18 --size 224 --batch 1 32 --rounds 7
 
-Variables are random (the speed does not depend on their values); every implementation runs the
-same images, and its top-1 is checked against the float model. Prints versions and machine.
-Timings are medians over `--reps` timed calls after one warm-up call (compile excluded).
+Variables are random (speed does not depend on their values). Every variant runs the same images;
+its top-1 is compared with the first variant (the float Flax model) and its max |Δlogit| printed.
+Variants are timed in interleaved rounds (A B C A B C ...) so that load from other processes on a
+shared machine hits all of them alike; the median and the minimum over rounds are printed
+(compile and one warm-up call excluded). Prints versions, machine and load average.
+
+Variants: "float_model" (the Flax BiRealNet, float emulation of ±1), "float_model/mbM" (the same
+run M images at a time with lax.map), and "IMPL/mbM[/vwN]" for the packed model with impl in
+packed.IMPLS, micro-batch M ("all" = whole batch at once) and, on CPU, XLA's preferred vector
+width N bits (default: packed.compiler_options(), i.e. 512).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -37,14 +45,8 @@ def random_variables(model, size, seed=0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def timeit(fn, x, reps):
-  jax.block_until_ready(fn(x))  # compile + warm-up
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts), min(ts)
+def _mb(s):
+  return None if s == "all" else int(s)
 
 
 def main():
@@ -52,41 +54,81 @@ def main():
   ap.add_argument("--model", default="bireal18")
   ap.add_argument("--size", type=int, default=224)
   ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-  ap.add_argument("--impls", nargs="+", default=["float_model", *packed.IMPLS])
-  ap.add_argument("--reps", type=int, default=7)
+  ap.add_argument("--variants", nargs="+",
+                  default=["float_model", "float_model/mb2", "xor/mb2", "int8/mb2", "float/mb2"],
+                  help="float_model[/mbM] or IMPL/mbM with M an int or 'all'")
+  ap.add_argument("--rounds", type=int, default=7)
   args = ap.parse_args()
 
-  print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}")
-  print(f"python {platform.python_version()} machine {platform.machine()} cpus {os.cpu_count()} "
-        f"load {os.getloadavg() if hasattr(os, 'getloadavg') else '?'}")
+  print(f"jax {jax.__version__} jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}"
+        f" backend {jax.default_backend()} devices {jax.devices()}")
+  flags = ""
   try:
     with open("/proc/cpuinfo") as f:
-      flags = next((l for l in f if l.startswith("flags")), "")
-    print("avx512_vpopcntdq" in flags and "CPU has AVX-512 VPOPCNTDQ" or "no VPOPCNTDQ")
+      lines = f.readlines()
+    model_name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "?")
+    flags = next((l for l in lines if l.startswith("flags")), "")
   except OSError:
-    pass
+    model_name = platform.processor()
+  print(f"python {platform.python_version()} {platform.machine()} '{model_name}' cpus "
+        f"{os.cpu_count()} avx512_vpopcntdq={'avx512_vpopcntdq' in flags} "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
   model = models.get(args.model)
   variables = random_variables(model, args.size)
   pm = packed.pack(model, variables)
-  print(f"{args.model}: packed payload {pm.num_bytes():,} bytes; default impl "
-        f"{packed.default_impl()!r}")
-  float_fn = jax.jit(lambda x: model.apply(variables, x))
+  print(f"{args.model} {args.size}²: packed payload {pm.num_bytes():,} bytes; defaults impl="
+        f"{packed.default_impl()!r} micro_batch={packed.default_micro_batch()}")
+
+  def float_model(mb):
+    apply = lambda xs: model.apply(variables, xs)  # noqa: E731
+    if mb is None:
+      return jax.jit(apply)
+
+    def chunked(x):
+      n = x.shape[0]
+      if n <= mb or n % mb:
+        return apply(x)
+      return jax.lax.map(apply, x.reshape(n // mb, mb, *x.shape[1:])).reshape(n, -1)
+    return jax.jit(chunked)
+
+  fns = {}
+  for v in args.variants:
+    name, *opts = v.split("/")
+    mb = next((_mb(o[2:]) for o in opts if o.startswith("mb")), None)
+    vw = next((int(o[2:]) for o in opts if o.startswith("vw")), None)
+    if name == "float_model":
+      fns[v] = float_model(mb)
+    else:
+      # the packed forward jitted as PackedModel.__call__ does it (same compiler options unless
+      # /vwN overrides the CPU vector width; micro-batch from /mbM)
+      copts = packed.compiler_options()
+      if vw and jax.default_backend() == "cpu":
+        copts = dict(copts, xla_cpu_prefer_vector_width=vw)
+      fwd = jax.jit(lambda rp, x, name=name, mb=mb: packed.forward(pm.config, rp, x, name, mb),
+                    compiler_options=copts or None)
+      fns[v] = functools.partial(fwd, pm.runtime_params(name))  # device arrays, as pm(x) passes
 
   for b in args.batch:
     x = jax.random.normal(jax.random.key(1), (b, args.size, args.size, 3), jnp.float32)
-    ref = None
-    for impl in args.impls:
-      fn = float_fn if impl == "float_model" else (lambda x, impl=impl: pm(x, impl=impl))
-      med, best = timeit(fn, x, args.reps)
-      out = np.asarray(fn(x))
-      if ref is None:
-        ref = out
-      agree = np.array_equal(out.argmax(-1), ref.argmax(-1))
-      err = float(np.max(np.abs(out - ref)))
-      print(f"batch {b:3d} {impl:12s} median {med * 1e3:8.2f} ms  min {best * 1e3:8.2f} ms  "
-            f"{b / med:8.1f} img/s  top-1 same as first: {agree}  max|Δlogit| {err:.2e}",
-            flush=True)
+    outs = {}
+    for v, fn in fns.items():
+      t = time.perf_counter()
+      outs[v] = np.asarray(fn(x))
+      print(f"  batch {b}: {v} compiled+first call {time.perf_counter() - t:.1f} s", flush=True)
+    ts = {v: [] for v in fns}
+    for _ in range(args.rounds):
+      for v, fn in fns.items():
+        t = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        ts[v].append(time.perf_counter() - t)
+    ref = outs[args.variants[0]]
+    print(f"batch {b}  (load avg {os.getloadavg()[0]:.1f})")
+    for v in fns:
+      med, best = statistics.median(ts[v]), min(ts[v])
+      print(f"  {v:18s} median {med * 1e3:8.2f} ms ({b / med:7.1f} img/s)  min {best * 1e3:8.2f} ms"
+            f" ({b / best:7.1f} img/s)  top-1 = ref: {np.array_equal(outs[v].argmax(-1), ref.argmax(-1))}"
+            f"  max|Δlogit| {np.max(np.abs(outs[v] - ref)):.1e}", flush=True)
 
 
 if __name__ == "__main__":
