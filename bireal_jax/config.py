@@ -52,6 +52,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # Model: bireal_jax.models.get(model, **overrides). None = the named model's own default.
   c.model = "bireal18"
+  c.stage_sizes = config_dict.placeholder(tuple)  # blocks per stage; None: the model's own
   c.base_width = 64
   c.stem = "imagenet"
   c.activation = config_dict.placeholder(str)  # e.g. "approx_sign", "ste_sign", "hardtanh"
@@ -141,6 +142,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: Optional[int] =
   _positive(c, "prefetch", allow_zero=True)
   if c.model not in models.names():
     _fail("model", c.model, f"one of {models.names()}")
+  if c.stage_sizes is not None and (
+      len(c.stage_sizes) < 1 or any(not isinstance(n, int) or n < 1 for n in c.stage_sizes)):
+    _fail("stage_sizes", c.stage_sizes, "None or a tuple of positive ints, e.g. (4, 4, 4, 4)")
   _positive(c, "base_width")
   _choice(c, "stem", STEMS)
   _choice(c, "shortcut", SHORTCUTS)
@@ -214,6 +218,8 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
   kw = dict(base_width=config.base_width, stem=config.stem,
             binary_kernel_init=config.binary_kernel_init, shortcut=config.shortcut,
             bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon, dtype=config.dtype)
+  if config.stage_sizes is not None:
+    kw["stage_sizes"] = tuple(config.stage_sizes)
   if config.activation is not None:
     kw["activation"] = config.activation
   if config.kernel_quantizer is not None:

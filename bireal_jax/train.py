@@ -61,8 +61,14 @@ def initialized(key, image_shape, model):
   return init(key)
 
 
+def init_key(seed: int):
+  """Key for parameter init. "rbg" (XLA's RngBitGenerator) because the jitted init then
+  compiles several times faster on CPU than with threefry; it is just as deterministic."""
+  return jax.random.key(seed, impl="rbg")
+
+
 def create_train_state(config, model, image_shape, learning_rate_fn) -> TrainState:
-  variables = initialized(jax.random.PRNGKey(config.seed), image_shape, model)
+  variables = initialized(init_key(config.seed), image_shape, model)
   tx = optim.create_optimizer(config, learning_rate_fn, model, variables["params"], image_shape)
   state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                             batch_stats=variables["batch_stats"])
@@ -156,12 +162,13 @@ class Mapping:
   convert between the mapped state and fully replicated global arrays (what checkpoints hold).
   """
 
-  def __init__(self, kind: str):
+  def __init__(self, kind: str, devices=None):
     if kind not in ("pmap", "shard_map"):
       raise ValueError(f"config.mapping={kind!r}: expected 'pmap' or 'shard_map'")
     self.kind = kind
-    self.local_devices = jax.local_devices()
-    self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
+    devices = list(jax.devices() if devices is None else devices)
+    self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
+    self.mesh = Mesh(np.array(devices), (AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P(AXIS))
     self._local_mesh = Mesh(np.array(self.local_devices), (AXIS,))
@@ -172,10 +179,13 @@ class Mapping:
     Outputs are replicated (every per-device function here ends in a collective).
     """
     if self.kind == "pmap":
-      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate)
+      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate, devices=self.local_devices)
     in_specs = tuple(P(AXIS) if b else P() for b in batched)
-    return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=P()),
-                   donate_argnums=donate)
+    # check_vma=False gives pmap's semantics: a gradient w.r.t. replicated params stays
+    # per-device (with the checker on, JAX would psum it implicitly and the step's own pmean
+    # would then average a sum), so the one step function means the same under both mappings.
+    return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=P(),
+                                 check_vma=False), donate_argnums=donate)
 
   def put_replicated(self, tree):
     """Host (or global replicated) values → the mapped functions' replicated layout."""
@@ -185,10 +195,18 @@ class Mapping:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.replicated, x), tree)
 
-  def put_batch(self, batch):
-    """This process's batch → split over its devices (and, for shard_map, the global array)."""
+  def put_batch(self, batch, micro_batches: int = 1):
+    """This process's batch → split over its devices (and, for shard_map, the global array).
+
+    With `micro_batches` k > 1 the examples are reordered so that micro-batch j of every device
+    holds its share of the j-th contiguous chunk of the process batch: accumulation then sees
+    the same micro-batches whatever the number of local devices.
+    """
+    n = len(self.local_devices)
+    if micro_batches > 1:
+      batch = jax.tree.map(lambda x: np.reshape(np.swapaxes(
+          np.reshape(x, (micro_batches, n, -1, *np.shape(x)[1:])), 0, 1), np.shape(x)), batch)
     if self.kind == "pmap":
-      n = len(self.local_devices)
       sharding = NamedSharding(self._local_mesh, P(AXIS))
       return jax.tree.map(
           lambda x: jax.device_put(np.reshape(x, (n, -1, *np.shape(x)[1:])), sharding), batch)
@@ -265,7 +283,7 @@ class SyntheticData:
         size=(SyntheticData.NUM_CLASSES, s, s, 3)).astype(np.float32)
     rng = np.random.default_rng(key)
     labels = rng.integers(0, SyntheticData.NUM_CLASSES, n).astype(np.int32)
-    images = protos[labels] + rng.normal(size=(n, s, s, 3)).astype(np.float32) * 2.0
+    images = protos[labels] + rng.normal(size=(n, s, s, 3)).astype(np.float32)
     return images.astype(np.float32), labels
 
   @staticmethod
@@ -528,7 +546,8 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
     train_iter = s.data.create_train_iter(config, batch_size=local_batch, seed=config.seed,
                                           start_step=step, process_index=pi,
                                           process_count=pc)
-    train_iter = prefetch(train_iter, mapping.put_batch, config.prefetch)
+    put = functools.partial(mapping.put_batch, micro_batches=config.grad_accum_steps)
+    train_iter = prefetch(train_iter, put, config.prefetch)
     with _Preemption() as preemption:
       while step < s.total_steps:
         batch = next(train_iter)

@@ -1,0 +1,277 @@
+"""Training step, optimizer and schedule tests (in-process, 8 virtual CPU devices).
+
+Models are Bi-Real-18 blocks with one block in each of two stages, width 4, on 8 px images:
+the real code path, compiled in seconds. Compiled programs go to a persistent XLA cache so
+tests (and test processes) that run the same program compile it once.
+"""
+import functools
+import json
+import math
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bireal_jax import config as config_lib
+from bireal_jax import models, optim, train
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), f"bireal_jax_test_xla_cache_{os.getuid()}"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+NDEV = jax.device_count()
+needs_8 = pytest.mark.skipif(NDEV < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_"
+                             "device_count=8 (set by `make test`)")
+
+
+def tiny_config(**kw):
+  c = config_lib.get_default_config()
+  c.dataset = "synthetic"
+  c.image_size = 8
+  c.model = "bireal18"
+  c.stage_sizes = (1, 1)
+  c.base_width = 4
+  c.stem = "small"
+  c.batch_size = 32
+  c.eval_batch_size = 40
+  c.num_train_steps = 24
+  c.learning_rate = 1e-2
+  c.lr_schedule = "cosine"
+  c.label_smoothing = 0.1
+  c.progress_bar = False
+  c.tensorboard = False
+  c.export_inference = False
+  for k, v in kw.items():
+    c[k] = v
+  config_lib.validate(c)
+  return c
+
+
+def synthetic_batches(config, n, start=0):
+  it = train.SyntheticData.create_train_iter(config, batch_size=config.batch_size, seed=0,
+                                             start_step=start, process_index=0, process_count=1)
+  return [next(it) for _ in range(n)]
+
+
+def lr_fn_of(config):
+  spe, total = optim.total_train_steps(config, train.SyntheticData.NUM_TRAIN)
+  return optim.create_learning_rate_fn(config, spe, total)
+
+
+def new_state(config):
+  return train.create_train_state(config, train.create_model(config, 10),
+                                  (config.image_size,) * 2 + (3,), lr_fn_of(config))
+
+
+def run_steps(config, mapping, batches, state=None):
+  """Train `batches` through `mapping` with the loop's own step; (host state, [losses])."""
+  lr_fn = lr_fn_of(config)
+  state = state or new_state(config)
+  step = mapping.map(functools.partial(train.train_step, learning_rate_fn=lr_fn,
+                                       label_smoothing=config.label_smoothing,
+                                       grad_accum_steps=config.grad_accum_steps),
+                     batched=(False, True), donate=(0,))
+  pstate = mapping.put_replicated(state)
+  losses = []
+  for b in batches:
+    pstate, m = step(pstate, mapping.put_batch(b, config.grad_accum_steps))
+    losses.append(float(mapping.to_host(m)["loss"]))
+  return mapping.to_host(pstate), losses
+
+
+def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
+  la, ta = jax.tree_util.tree_flatten_with_path(a)
+  lb, tb = jax.tree_util.tree_flatten_with_path(b)
+  assert ta == tb
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) 8 devices vs 1 device on the same global batch
+# ---------------------------------------------------------------------------------------------
+
+_ONE_DEVICE = {}
+
+
+def one_device_run(accum):
+  """Reference: the same 3 steps with pmap on a single device (computed once per module)."""
+  if accum not in _ONE_DEVICE:
+    config = tiny_config(grad_accum_steps=accum)
+    _ONE_DEVICE[accum] = run_steps(config, train.Mapping("pmap", devices=jax.devices()[:1]),
+                                   synthetic_batches(config, 3))
+  return _ONE_DEVICE[accum]
+
+
+@needs_8
+@pytest.mark.parametrize("kind,accum", [("pmap", 1), ("shard_map", 1), ("pmap", 2)])
+def test_eight_devices_match_one_device(kind, accum):
+  config = tiny_config(mapping=kind, grad_accum_steps=accum)
+  s8, l8 = run_steps(config, train.Mapping(kind), synthetic_batches(config, 3))
+  s1, l1 = one_device_run(accum)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  assert int(s8.step) == int(s1.step) == 3
+  assert_trees_close(s8.params, s1.params)
+  assert_trees_close(s8.batch_stats, s1.batch_stats)
+  assert_trees_close(s8.opt_state, s1.opt_state)
+  # Training moved the state: the comparison is not between two untouched initialisations.
+  init = new_state(config)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       s8.batch_stats, init.batch_stats)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients():
+  """SGD(lr=1, no momentum): the k=2 update is the mean of the two micro-batches' updates."""
+  kw = dict(optimizer="sgd", momentum=0.0, learning_rate=1.0, lr_schedule="constant",
+            model="bireal18_real", label_smoothing=0.0)
+  c2 = tiny_config(grad_accum_steps=2, **kw)
+  c1 = tiny_config(batch_size=16, **kw)
+  one = train.Mapping("pmap", devices=jax.devices()[:1])
+  full = synthetic_batches(c2, 1)[0]
+  halves = [jax.tree.map(lambda x: x[:16], full), jax.tree.map(lambda x: x[16:], full)]
+  init = new_state(c1)
+  s2, l2 = run_steps(c2, one, [full], state=init)
+  sa, la = run_steps(c1, one, halves[:1], state=init)
+  sb, lb = run_steps(c1, one, halves[1:], state=init)
+  expected = jax.tree.map(lambda p, a, b: p + ((a - p) + (b - p)) / 2,
+                          init.params, sa.params, sb.params)
+  assert_trees_close(s2.params, expected, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(l2[0], (la[0] + lb[0]) / 2, rtol=1e-5)
+  # BN running statistics see the micro-batches one after the other.
+  assert_trees_close(s2.batch_stats["bn1"], jax.tree.map(
+      lambda p, b: 0.9 * p + 0.1 * b, sa.batch_stats["bn1"],
+      jax.tree.map(lambda i, x: (x - 0.9 * i) / 0.1, init.batch_stats["bn1"],
+                   sb.batch_stats["bn1"])), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def test_linear_epoch_schedule_is_the_official_stepwise_decay():
+  c = tiny_config(learning_rate=1e-3, lr_schedule="linear_epoch", num_epochs=4.0)
+  fn = optim.create_learning_rate_fn(c, steps_per_epoch=10, total_steps=40)
+  got = [float(fn(s)) for s in (0, 9, 10, 19, 20, 39)]
+  np.testing.assert_allclose(got, [1e-3, 1e-3, 7.5e-4, 7.5e-4, 5e-4, 2.5e-4], rtol=1e-6)
+
+
+def test_piecewise_cosine_and_warmup_schedules():
+  c = tiny_config(learning_rate=0.01, lr_schedule="piecewise", lr_boundaries=(10.0, 15.0),
+                  lr_decay_factor=0.1)
+  fn = optim.create_learning_rate_fn(c, steps_per_epoch=5, total_steps=100)
+  np.testing.assert_allclose([float(fn(s)) for s in (49, 50, 74, 75)],
+                             [0.01, 0.001, 0.001, 0.0001], rtol=1e-5)
+  c = tiny_config(learning_rate=0.1, lr_schedule="cosine", warmup_epochs=1.0)
+  fn = optim.create_learning_rate_fn(c, steps_per_epoch=10, total_steps=110)
+  np.testing.assert_allclose([float(fn(s)) for s in (0, 5, 10, 60, 110)],
+                             [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7)
+
+
+def _paths(mask):
+  return sorted("/".join(p) for p, v in
+                __import__("flax").traverse_util.flatten_dict(mask).items() if v)
+
+
+def test_binary_kernel_mask_selects_only_binarised_kernels():
+  model = models.get("bireal18", stage_sizes=(1, 1, 1, 1), base_width=4, stem="small",
+                     num_classes=10)
+  params = train.initialized(train.init_key(0), (8, 8, 3), model)["params"]
+  assert _paths(optim.binary_kernel_mask(model, params, (8, 8, 3))) == [
+      f"layer{i}_0/binary_conv/kernel" for i in range(1, 5)]
+  kernels = _paths(optim.kernel_mask(params))
+  assert "conv1/kernel" in kernels and "fc/kernel" in kernels
+  assert "layer2_0/downsample/conv/kernel" in kernels
+  assert not any("bn" in k or k.endswith("bias") for k in kernels)
+  # The real twin has the same tree and no binary kernel.
+  real = models.get("bireal18_real", stage_sizes=(1, 1, 1, 1), base_width=4, stem="small",
+                    num_classes=10)
+  assert _paths(optim.binary_kernel_mask(real, params, (8, 8, 3))) == []
+  # Bi-Real-50: the first block's real 1×1 conv is not binary, every other conv1/2/3 is.
+  m50 = models.get("bireal50", stage_sizes=(2, 1, 1, 1), base_width=4, stem="small",
+                   num_classes=10)
+  p50 = train.initialized(train.init_key(0), (8, 8, 3), m50)["params"]
+  got = _paths(optim.binary_kernel_mask(m50, p50, (8, 8, 3)))
+  assert "layers_0/conv1/kernel" not in got
+  assert {"layers_0/conv2/kernel", "layers_0/conv3/kernel", "layers_1/conv1/kernel"} <= set(got)
+  assert not any("down" in k for k in got)
+
+
+def test_latent_weight_clip_and_weight_decay_masks_in_the_optimizer():
+  c = tiny_config(optimizer="sgd", momentum=0.0, learning_rate=50.0, lr_schedule="constant",
+                  latent_weight_clip=0.5, weight_decay=1e-2)
+  one = train.Mapping("pmap", devices=jax.devices()[:1])
+  state, _ = run_steps(c, one, synthetic_batches(c, 1))
+  model = train.create_model(c, 10)
+  bmask = optim.binary_kernel_mask(model, state.params, (8, 8, 3))
+  clipped = [np.max(np.abs(np.asarray(p))) for p, m in
+             zip(jax.tree.leaves(state.params), jax.tree.leaves(bmask)) if m]
+  others = [np.max(np.abs(np.asarray(p))) for p, m in
+            zip(jax.tree.leaves(state.params), jax.tree.leaves(bmask)) if not m]
+  assert len(clipped) == 2 and max(clipped) <= 0.5 + 1e-6
+  assert max(others) > 0.5  # lr 50 throws the real weights far: only binary ones were clipped
+  # Weight decay touches kernels only: with zero gradient a BN scale stays exactly 1.
+  params = {"bn1": {"scale": jnp.ones(3)}, "conv1": {"kernel": jnp.ones((1, 1, 3, 3))}}
+  tx = optim.create_optimizer(tiny_config(optimizer="sgd", momentum=0.0, learning_rate=1.0,
+                                          lr_schedule="constant", weight_decay=0.5),
+                              optax.constant_schedule(1.0), model, params, (8, 8, 3))
+  upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, upd)
+  np.testing.assert_allclose(new["bn1"]["scale"], 1.0)
+  np.testing.assert_allclose(new["conv1"]["kernel"], 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# BN re-estimation and the loop on synthetic data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bn_reestimation_gives_mean_batch_statistics(tmp_path):
+  c = tiny_config(bn_reestimate_steps=3, num_train_steps=1)
+  s = train._Setup(c, str(tmp_path), None)
+  state = s.new_state()
+  pstate = s.mapping.put_replicated(state)
+  new = s.mapping.to_host(train.reestimate_batch_stats(s, pstate, 3, start_step=5))
+  # Reference for the stem BN: per-batch channel mean/variance of conv1's output, averaged.
+  it = train.SyntheticData.create_train_iter(c, batch_size=32, seed=c.seed + 1, start_step=5,
+                                             process_index=0, process_count=1)
+  k = np.asarray(state.params["conv1"]["kernel"])
+  means, variances = [], []
+  for _ in range(3):
+    x = next(it)["image"]
+    y = np.asarray(jax.lax.conv_general_dilated(x, k, (1, 1), [(1, 1), (1, 1)],
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    means.append(y.mean(axis=(0, 1, 2)))
+    variances.append(y.var(axis=(0, 1, 2)))
+  np.testing.assert_allclose(new.batch_stats["bn1"]["mean"], np.mean(means, 0), rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(new.batch_stats["bn1"]["var"], np.mean(variances, 0), rtol=1e-4)
+  # Parameters are untouched.
+  assert_trees_close(new.params, state.params, rtol=0, atol=0)
+
+
+def test_train_and_evaluate_learns_and_logs(tmp_path):
+  c = tiny_config(checkpoint_every_steps=10, log_every_steps=5, eval_every_epochs=0.25,
+                  tensorboard=True, export_inference=True)
+  result = train.train_and_evaluate(c, str(tmp_path))
+  assert result["step"] == 24 and result["count"] == train.SyntheticData.NUM_EVAL
+  assert result["top1"] > 0.25  # 10 synthetic classes: chance is 0.1 (sd 0.02 on 200)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_lines = [l for l in lines if l["split"] == "train"]
+  assert {"loss", "top1", "top5", "learning_rate", "images_per_sec"} <= set(train_lines[0])
+  assert train_lines[0]["loss"] > train_lines[-1]["loss"]
+  assert [l["step"] for l in lines if l["split"] == "eval"] == [16, 24]
+  assert list((tmp_path / "tensorboard").iterdir())
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [10, 20, 24]
+  assert (tmp_path / "inference" / "model.json").exists()
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  assert recorded["identity"]["image_shape"] == [8, 8, 3]
+  # A second call finds the finished run and only evaluates it again.
+  again = train.train_and_evaluate(c, str(tmp_path))
+  assert again["step"] == 24 and math.isclose(again["top1"], result["top1"])
