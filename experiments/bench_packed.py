@@ -99,15 +99,18 @@ def main():
     vw = next((int(o[2:]) for o in opts if o.startswith("vw")), None)
     if name == "float_model":
       fns[v] = float_model(mb)
-    else:
-      # the packed forward jitted as PackedModel.__call__ does it (same compiler options unless
-      # /vwN overrides the CPU vector width; micro-batch from /mbM)
+    elif vw or (mb is None and any(o == "mball" for o in opts)):
+      # the packed forward jitted as PackedModel.__call__ does it, but with /vwN's CPU vector
+      # width or the whole batch at once (/mball), in one stream
       copts = packed.compiler_options()
       if vw and jax.default_backend() == "cpu":
         copts = dict(copts, xla_cpu_prefer_vector_width=vw)
       fwd = jax.jit(lambda rp, x, name=name, mb=mb: packed.forward(pm.config, rp, x, name, mb),
                     compiler_options=copts or None)
       fns[v] = functools.partial(fwd, pm.runtime_params(name))  # device arrays, as pm(x) passes
+    else:  # the public call: PackedModel.__call__ (micro-batch /mbM, /sK concurrent streams)
+      streams = next((int(o[1:]) for o in opts if o.startswith("s")), None)
+      fns[v] = functools.partial(pm, impl=name, micro_batch=mb, streams=streams)
 
   for b in args.batch:
     x = jax.random.normal(jax.random.key(1), (b, args.size, args.size, 3), jnp.float32)
