@@ -132,6 +132,37 @@ def test_binary_convs_are_exact(h, w, cin, cout, k, stride, pad, group):
     assert not np.any(corr[1:-1, 1:-1])  # interior outputs never touch the padding
 
 
+def _border_correction_reference(bits, c, h, w, stride, pad):
+  """Tap by tap over every output position (numpy, int64): Σ_{taps on padding} (C − 2·popcount)."""
+  bits = np.asarray(bits)
+  kh, kw, _, o = bits.shape
+  ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+  ones = np.unpackbits(bits[..., None].view(np.uint8), axis=-1).sum(axis=(2, 4), dtype=np.int64)
+  tap = c - 2 * ones  # [kh, kw, O]
+  out = np.zeros((ho, wo, o), np.int64)
+  for p in range(ho):
+    for q in range(wo):
+      for i in range(kh):
+        for j in range(kw):
+          r, s = p * stride + i - pad, q * stride + j - pad
+          if not (0 <= r < h and 0 <= s < w):
+            out[p, q] += tap[i, j]
+  return out
+
+
+@pytest.mark.parametrize("h,w,c,k,stride,pad", [
+    (13, 13, 8, 3, 1, 1), (15, 11, 40, 3, 2, 1), (14, 14, 64, 3, 2, 1),
+    (1, 1, 32, 3, 1, 1),  # one pixel: every tap but the centre is padding
+    (2, 3, 16, 3, 1, 1),  # rows padded at the top and the bottom at once
+    (9, 10, 3, 7, 2, 3),  # stem-like 7×7/2, pad 3
+])
+def test_border_correction_matches_tap_by_tap_reference(h, w, c, k, stride, pad):
+  bits = packed.pack_kernel(jax.random.normal(jax.random.key(h * 7 + w), (k, k, c, 5)))
+  got = np.asarray(packed.border_correction(bits, c, h, w, stride, pad))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, _border_correction_reference(bits, c, h, w, stride, pad))
+
+
 def test_xor_conv_rejects_channel_mismatch():
   bits = packed.pack_kernel(jnp.ones((3, 3, 64, 8)))
   with pytest.raises(ValueError, match="input has 96 channels"):
@@ -194,6 +225,39 @@ def test_packed_model_is_a_jittable_pytree_and_uses_its_bits():
                              np.uint32(0xFFFFFFFF))
   assert not np.allclose(np.asarray(packed.PackedModel(pm.config, flipped, "xor")(x)),
                          np.asarray(out), atol=1e-3)
+
+
+def test_split_streams_cuts_at_micro_batches():
+  for n in range(1, 40):
+    for streams in (1, 2, 3, 8):
+      for mb in (None, 1, 2, 4):
+        chunks = packed.split_streams(n, streams, mb)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n and len(chunks) <= streams
+        assert all(a < b for a, b in chunks)
+        assert all(b == c for (_, b), (c, _) in zip(chunks[:-1], chunks[1:]))  # contiguous
+        assert all(a % (mb or 1) == 0 for a, _ in chunks)  # whole micro-batches per stream
+        if streams > 1 and n >= 2 * (mb or 1):
+          assert len(chunks) > 1
+  assert packed.split_streams(32, 2, 2) == [(0, 16), (16, 32)]
+  assert packed.split_streams(33, 2, 2) == [(0, 16), (16, 33)]
+  assert packed.default_streams("gpu") == 1
+  assert 1 <= packed.default_streams("cpu") <= max(1, len(os.sched_getaffinity(0)))
+
+
+def test_streams_give_the_same_logits_bitwise():
+  """Concurrent chunks keep every image in its micro-batch: logits bitwise equal to one call."""
+  model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))
+  x = jax.random.normal(jax.random.key(4), (7, 13, 13, 3))
+  pm = packed.pack(model, variables, impl="xor")
+  one = np.asarray(pm(x, micro_batch=2, streams=1))
+  for streams in (2, 3, 8):
+    np.testing.assert_array_equal(np.asarray(pm(x, micro_batch=2, streams=streams)), one)
+  ref = np.asarray(jax.jit(model.apply)(variables, x))
+  np.testing.assert_allclose(one, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+  # inside a user's jit the batch is one computation (no threads), same logits
+  jitted = jax.jit(lambda m, x: m(x, micro_batch=2, streams=2),
+                   compiler_options=packed.compiler_options() or None)
+  np.testing.assert_array_equal(np.asarray(jitted(pm, x)), one)
 
 
 def test_folded_affine_formula():
