@@ -1,0 +1,30 @@
+"""Bi-Real-18 on ImageNet, the official PyTorch recipe (the one that reaches 56.4 % top-1).
+
+Source: github liuzechun/Bi-Real-net, pytorch_implementation/BiReal18_34/{train.py,run.sh}:
+Adam lr 1e-3, batch 512, 256 epochs, lr × (1 − epoch/256) stepped once per epoch, weight decay 0,
+label smoothing 0.1 on the train loss, RandomResizedCrop(224, scale 0.08–1) + flip, ImageNet
+mean/std; eval resize 256 + centre crop 224. Kernel init as the authors' code (U[0, 1e-3)).
+On a small host keep batch 512 and raise `grad_accum_steps`.
+"""
+from bireal_jax.config import get_default_config
+
+
+def get_config():
+  c = get_default_config()
+  c.dataset = "imagenet2012"
+  c.image_size = 224
+  c.eval_split = "validation"
+  c.model = "bireal18"
+  c.stem = "imagenet"
+  c.base_width = 64
+  c.binary_kernel_init = "official"
+  c.optimizer = "adam"
+  c.learning_rate = 1e-3
+  c.lr_schedule = "linear_epoch"
+  c.weight_decay = 0.0
+  c.label_smoothing = 0.1
+  c.batch_size = 512
+  c.eval_batch_size = 500
+  c.num_epochs = 256.0
+  c.checkpoint_every_steps = 1000
+  return c
