@@ -555,7 +555,9 @@ def default_micro_batch(backend: Optional[str] = None) -> Optional[int]:
   return MICRO_BATCH_CPU if (backend or jax.default_backend()) == "cpu" else None
 
 
-MICRO_BATCH_CPU = 2  # Bi-Real-18 at 224², batch 32: 1, 2, 4 gave ~223, 243, 193 img/s (medians)
+# Bi-Real-18 at 224², batch 32, 2 streams: micro-batch 1, 2, 4 gave 309, 331, 261 images per
+# CPU-second (medians of 7 interleaved rounds, load ~5.5)
+MICRO_BATCH_CPU = 2
 
 
 def compiler_options(backend: Optional[str] = None) -> dict:
@@ -573,22 +575,29 @@ def _forward_static(cfg_json, impl, micro_batch, params, images):
 _JITTED: dict = {}
 
 
-def _jit_forward(*args):
-  if any(isinstance(l, jax.core.Tracer) for l in jax.tree.leaves(args[3:])):
-    return _forward_static(*args)  # inside the caller's jit: its compiler options apply
+def _jitted():
   backend = jax.default_backend()
   if backend not in _JITTED:
     _JITTED[backend] = jax.jit(_forward_static, static_argnums=(0, 1, 2),
                                compiler_options=compiler_options(backend) or None)
-  return _JITTED[backend](*args)
+  return _JITTED[backend]
+
+
+def _jit_forward(*args):
+  if any(isinstance(l, jax.core.Tracer) for l in jax.tree.leaves(args[3:])):
+    return _forward_static(*args)  # inside the caller's jit: its compiler options apply
+  return _jitted()(*args)
 
 
 def default_streams(backend: Optional[str] = None) -> int:
   """CPU: the usable cores (at most MAX_STREAMS_CPU); other backends: 1.
 
-  XLA CPU ran every fusion of the packed forward on one core (Bi-Real-18, 2-core EPYC: the same
-  time pinned to one core as free on two), so the batch is split into this many chunks run
-  concurrently, one per core (`split_streams`)."""
+  XLA CPU runs the packed forward's kernels one after another (profile of Bi-Real-18, batch 32,
+  2-core EPYC: two threads busy at once for 1 ms of 482 ms of kernel time; the 7×7 stem conv
+  too), so the batch is split into this many chunks run concurrently (`split_streams`); with 2
+  streams both threads were busy for 325 of 387 ms. This buys time only where the cores are
+  free: on a machine shared with other sessions, the kernel's per-session fair share (autogroup)
+  stays the same whatever the thread count."""
   if (backend or jax.default_backend()) != "cpu":
     return 1
   try:
@@ -618,14 +627,15 @@ def _run_streams(cfg_json, impl, mb, params, images, streams):
   """`_jit_forward` on `split_streams` chunks, one Python thread each (XLA releases the GIL while
   it computes), concatenated in order."""
   chunks = split_streams(images.shape[0], streams, mb)
+  fwd = _jitted()  # created here, not by racing threads
   if len(chunks) == 1:
-    return _jit_forward(cfg_json, impl, mb, params, images)
+    return fwd(cfg_json, impl, mb, params, images)
   if not _POOL or _POOL[0]._max_workers < len(chunks):
     from concurrent.futures import ThreadPoolExecutor
     _POOL[:] = [ThreadPoolExecutor(len(chunks), thread_name_prefix="bireal_packed")]
 
   def run(ab):
-    return jax.block_until_ready(_jit_forward(cfg_json, impl, mb, params, images[ab[0]:ab[1]]))
+    return jax.block_until_ready(fwd(cfg_json, impl, mb, params, images[ab[0]:ab[1]]))
 
   return jnp.concatenate(list(_POOL[0].map(run, chunks)))
 
