@@ -145,11 +145,14 @@ def _out_size(n: int, k: int, stride: int, pad: int) -> int:
   return (n + 2 * pad - k) // stride + 1
 
 
-def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
-  """`[(id, length), ...]` of the consecutive equal entries of a 1-D array."""
-  cut = np.flatnonzero(np.diff(ids)) + 1
-  starts = np.concatenate([[0], cut])
-  return [(int(ids[a]), int(b - a)) for a, b in zip(starts, np.concatenate([cut, [len(ids)]]))]
+def _border_masks(h: int, w: int, kh: int, kw: int, stride: int, pad: int) -> np.ndarray:
+  """`m[i, j, p, q] = 1` where tap (i, j) of output (p, q) falls on the zero padding (static)."""
+  ho, wo = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+  rows = np.arange(ho)[None, :] * stride + np.arange(kh)[:, None] - pad  # [kh, ho]
+  cols = np.arange(wo)[None, :] * stride + np.arange(kw)[:, None] - pad  # [kw, wo]
+  out_r = (rows < 0) | (rows >= h)
+  out_c = (cols < 0) | (cols >= w)
+  return (out_r[:, None, :, None] | out_c[None, :, None, :]).astype(np.int32)
 
 
 def border_correction(bits: jax.Array, in_channels: int, h: int, w: int, stride: int,
@@ -157,25 +160,17 @@ def border_correction(bits: jax.Array, in_channels: int, h: int, w: int, stride:
   """`corr[p, q, o] = Σ_{taps t on padding} S[t, o]`, `S[t, o] = C − 2·popcount(bits[t, :, o])`.
 
   What padding with +1 words adds to the popcount dot product; `[ho, wo, O]` int32, computed
-  elementwise (exact on every backend, no matrix unit involved). Output rows (columns) fall into
-  a few classes by which kernel rows (columns) hit the padding (top / interior / bottom); the sum
-  is formed once per (row class, column class) and broadcast over runs of equal classes, not
-  accumulated tap by tap over the whole `[ho, wo, O]`.
+  elementwise (exact on every backend, no matrix unit involved).
   """
   kh, kw = bits.shape[:2]
-  ho, wo = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
-  rows = np.arange(ho)[None, :] * stride + np.arange(kh)[:, None] - pad  # [kh, ho]
-  cols = np.arange(wo)[None, :] * stride + np.arange(kw)[:, None] - pad  # [kw, wo]
-  rpat, rid = np.unique(((rows < 0) | (rows >= h)).T, axis=0, return_inverse=True)
-  cpat, cid = np.unique(((cols < 0) | (cols >= w)).T, axis=0, return_inverse=True)
+  masks = _border_masks(h, w, kh, kw, stride, pad)
   tap_sums = in_channels - 2 * jnp.sum(lax.population_count(bits).astype(jnp.int32), axis=2)
-  # table[a, b, o] = Σ over taps (i, j) with row pattern a or column pattern b on the padding
-  on_pad = (rpat[:, None, :, None] | cpat[None, :, None, :]).astype(np.int32)  # [ra, cb, kh, kw]
-  table = sum(on_pad[:, :, i, j, None] * tap_sums[i, j] for i in range(kh) for j in range(kw))
-  by_row = jnp.concatenate([jnp.broadcast_to(table[a][None], (n,) + table.shape[1:])
-                            for a, n in _runs(np.ravel(rid))], axis=0)  # [ho, cb, O]
-  return jnp.concatenate([jnp.broadcast_to(by_row[:, b][:, None], (ho, n, table.shape[-1]))
-                          for b, n in _runs(np.ravel(cid))], axis=1)
+  corr = jnp.zeros(masks.shape[2:] + (bits.shape[-1],), jnp.int32)
+  for i in range(kh):
+    for j in range(kw):
+      if masks[i, j].any():  # interior taps never touch the padding
+        corr = corr + masks[i, j][:, :, None] * tap_sums[i, j]
+  return corr
 
 
 def word_group(num_words_k: int, out_channels: int, backend: Optional[str] = None) -> int:
