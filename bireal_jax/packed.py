@@ -32,7 +32,10 @@ Three interchangeable implementations of `D` (all exact integers, so all give th
               matrix units that take int8;
   * "float" — ±1 float32 operands with float32 accumulation (exact while K < 2**24; stays exact
               when a backend computes the products in bf16/tf32, since ±1 is exact there).
-`default_impl()` picks per backend (see there for what was measured).
+`default_impl()` picks per backend (see there for what was measured). On CPU, `PackedModel`
+also splits a batch into `default_streams()` chunks that run concurrently (XLA CPU runs this
+forward's kernels one at a time), cut at micro-batch boundaries so that the logits are bitwise
+those of one call.
 
 Agreement with the float model. `D` is exact on every path; what differs is float rounding of
 the folded affine (`s·D + b` against `BN(α·D)`, ~1e-7 relative). Where a pre-sign activation lies
@@ -212,7 +215,8 @@ def xor_popcount_conv(x: jax.Array, bits: jax.Array, stride: int = 1, pad: int =
   `pack_kernel`. The words of the `kh·kw` shifted windows form the reduction axis
   (`Kw = kh·kw·nw` words, im2col on words: 32× smaller than on floats); it is summed `group`
   words at a time (`word_group`), the groups accumulated by a `lax.scan` so that each step's
-  kernel slab stays in cache.
+  kernel slab stays in cache. With one group the windows are read as slices of the padded words
+  (no im2col copy).
   """
   n, h, w, c = x.shape
   kh, kw, nw, o = bits.shape
@@ -536,8 +540,10 @@ def default_impl(backend: Optional[str] = None) -> str:
   """Fastest exact implementation per backend.
 
   CPU: "xor" (XLA CPU fuses the XOR/popcount sum into one loop vectorised with AVX-512
-  VPOPCNTD). Bi-Real-18 at 224² on 2 shared EPYC cores, medians: batch 1 "xor" 3.9 ms, "int8"
-  22.6 ms, "float" 29.7 ms (float Flax model 33.0 ms); see experiments/bench_packed.py.
+  VPOPCNTD). Bi-Real-18 at 224² on 2 shared EPYC cores (load ~5.5), medians of 7 interleaved
+  rounds: batch 1 "xor" 3.3 ms, "int8" 15.5 ms, "float" 21.9 ms (float Flax model 22.1 ms);
+  batch 32 "xor" 332 img/s, "int8" 67, "float" 40 (float Flax model 37); see
+  experiments/bench_packed.py.
   Accelerators: "float" (±1 through the matrix units; not measured here — no GPU/TPU on the
   development machine).
   """
@@ -627,6 +633,8 @@ def _run_streams(cfg_json, impl, mb, params, images, streams):
     return fwd(cfg_json, impl, mb, params, images)
   if not _POOL or _POOL[0]._max_workers < len(chunks):
     from concurrent.futures import ThreadPoolExecutor
+    if _POOL:
+      _POOL[0].shutdown(wait=False)
     _POOL[:] = [ThreadPoolExecutor(len(chunks), thread_name_prefix="bireal_packed")]
 
   def run(ab):
