@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Optional
 
 import jax
@@ -75,25 +76,52 @@ class Checkpoints:
     steps = sorted(self.manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
       try:
+        stored = _tree_of(self.manager.item_metadata(step)["state"])
+      except Exception as e:  # unreadable metadata: a damaged step
+        self._report_unreadable(step, e, steps[i + 1:])
+        continue
+      # A readable step of another shape is not damage: refuse rather than fall back.
+      problems = compare_trees(abstract_state, stored)
+      if problems:
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} does not match this model/config; "
+            f"differing paths:\n  " + "\n  ".join(problems[:20]))
+      try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=abstract_state,
                                          restore_args=_restore_args(abstract_state)),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-        if _is_structure_mismatch(e):
-          raise CheckpointError(
-              f"checkpoint step {step} in {self.directory} does not match this model/config: "
-              f"{_short(e)}") from e
-        older = steps[i + 1] if i + 1 < len(steps) else None
-        msg = (f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-               f"({type(e).__name__}: {_short(e)}); "
-               + (f"falling back to step {older}" if older is not None else
-                  "no older checkpoint: starting from scratch"))
-        log.warning(msg)
-        print(msg, flush=True)
+        self._report_unreadable(step, e, steps[i + 1:])
         continue
+      self._quarantine(steps[:i])
       return out["state"], dict(out["meta"]), step
+    self._quarantine(steps)
     return None
+
+  def _report_unreadable(self, step, e, older):
+    msg = (f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
+           f"({type(e).__name__}: {_short(e)}); "
+           + (f"falling back to step {older[0]}" if older else
+              "no older checkpoint: starting from scratch"))
+    log.warning(msg)
+    if jax.process_index() == 0:
+      print(msg, flush=True)
+
+  def _quarantine(self, steps):
+    """Move unreadable steps to `<dir>_unreadable/` (kept for inspection, out of the way of
+    the steps this run will save again)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      target = self.directory.rstrip("/") + "_unreadable"
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        dest = os.path.join(target, f"{step}_{int(time.time())}")
+        os.replace(os.path.join(self.directory, str(step)), dest)
+        print(f"WARNING: moved unreadable checkpoint step {step} to {dest}", flush=True)
+    _sync("bireal_jax_quarantine")
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -103,16 +131,15 @@ class Checkpoints:
     self.manager.close()
 
 
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def _short(e: Exception, n: int = 300) -> str:
   s = str(e).replace("\n", " ")
   return s if len(s) <= n else s[:n] + "..."
-
-
-def _is_structure_mismatch(e: Exception) -> bool:
-  s = str(e)
-  return isinstance(e, ValueError) and (
-      "does not match" in s or "Requested shape" in s or "tree structure" in s.lower()
-      or "Missing keys" in s or "Unexpected keys" in s)
 
 
 def _restore_args(abstract_tree):
@@ -136,8 +163,7 @@ def stored_tree(directory: str, step: Optional[int] = None) -> tuple[dict, int]:
     raise CheckpointError(f"no checkpoint found in {directory!r}: expected a workdir with "
                           f"{CHECKPOINT_DIR}/<step>/ or a checkpoint directory")
   step = max(steps) if step is None else step
-  md = mngr.item_metadata(step)["state"]
-  return md.tree if hasattr(md, "tree") else md, step
+  return _tree_of(mngr.item_metadata(step)["state"]), step
 
 
 def restore_subtrees(directory: str, abstract: dict, step: Optional[int] = None) -> tuple[dict, int]:
@@ -147,20 +173,9 @@ def restore_subtrees(directory: str, abstract: dict, step: Optional[int] = None)
   `CheckpointError` naming the differing paths.
   """
   stored, step = stored_tree(directory, step)
-  problems = []
-  for key, sub in abstract.items():
-    if key not in stored:
-      problems.append(f"{key}: missing in checkpoint (it has {sorted(stored)})")
-      continue
-    want = _flat_shapes(sub)
-    have = _flat_shapes(stored[key])
-    for p in sorted(set(want) | set(have)):
-      if p not in have:
-        problems.append(f"{key}/{p}: only in this model {want[p]}")
-      elif p not in want:
-        problems.append(f"{key}/{p}: only in checkpoint {have[p]}")
-      elif want[p] != have[p]:
-        problems.append(f"{key}/{p}: model {want[p]} vs checkpoint {have[p]}")
+  missing = [f"{k}: missing in the checkpoint (it has {sorted(stored)})"
+             for k in abstract if k not in stored]
+  problems = missing or compare_trees(abstract, {k: stored[k] for k in abstract})
   if problems:
     head = "\n  ".join(problems[:20])
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -171,6 +186,25 @@ def restore_subtrees(directory: str, abstract: dict, step: Optional[int] = None)
       state=ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract),
                                    partial_restore=True)))
   return out["state"], step
+
+
+def compare_trees(abstract, stored) -> list[str]:
+  """Differences in paths, shapes and dtypes between a target tree and a stored one."""
+  problems = []
+  # Compare in the stored form (namedtuples as dicts, tuples as lists), as Orbax writes it.
+  want, have = _flat_shapes(ocp.tree.serialize_tree(abstract)), _flat_shapes(stored)
+  for p in sorted(set(want) | set(have)):
+    if p not in have:
+      problems.append(f"{p}: only in this model {want[p]}")
+    elif p not in want:
+      problems.append(f"{p}: only in the checkpoint {have[p]}")
+    elif want[p] != have[p]:
+      problems.append(f"{p}: model {want[p]} vs checkpoint {have[p]}")
+  return problems
+
+
+def _tree_of(metadata):
+  return metadata.tree if hasattr(metadata, "tree") else metadata
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:

@@ -77,8 +77,14 @@ def main(argv):
     sys.exit(2)
 
   initialize_distributed(config)
-  from bireal_jax import checkpoint, train  # imports JAX/Orbax only once the config is good
   import jax
+  try:  # the device-dependent checks (batch divisibility), still before any work
+    config_lib.validate(config, device_count=jax.device_count(),
+                        process_count=jax.process_count())
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  from bireal_jax import checkpoint, train  # imports Orbax (and TensorFlow for real data)
   if jax.process_index() == 0:
     print(f"bireal_jax: {config.mode} {config.model} on {config.dataset}, "
           f"{jax.device_count()} device(s) in {jax.process_count()} process(es), "

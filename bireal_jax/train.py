@@ -116,12 +116,17 @@ def train_step(state: TrainState, batch, *, learning_rate_fn, label_smoothing: f
     mask = jnp.ones_like(per_example)
     return (grads, batch_stats), metric_sums(logits, micro["label"], per_example, mask)
 
+  # An unrolled Python loop: XLA:CPU ran the same body inside lax.scan ~25x slower.
   micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, batch_stats), sums = jax.lax.scan(micro_step, (zeros, state.batch_stats), micro)
+  carry = (jax.tree.map(jnp.zeros_like, state.params), state.batch_stats)
+  sums = []
+  for i in range(grad_accum_steps):
+    carry, s = micro_step(carry, jax.tree.map(lambda x: x[i], micro))
+    sums.append(s)
+  grads, batch_stats = carry
   grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
   grads = jax.lax.pmean(grads, axis_name=AXIS)
-  sums = jax.lax.psum(jax.tree.map(jnp.sum, sums), axis_name=AXIS)
+  sums = jax.lax.psum(jax.tree.map(lambda *x: sum(x), *sums), axis_name=AXIS)
 
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = {"loss": sums["loss"] / sums["count"], "top1": sums["top1"] / sums["count"],
@@ -191,7 +196,9 @@ class Mapping:
     """Host (or global replicated) values → the mapped functions' replicated layout."""
     tree = jax.tree.map(_local_value, tree)
     if self.kind == "pmap":
-      return flax.jax_utils.replicate(tree, self.local_devices)
+      # Same mesh axis name as pmap's own outputs: a different sharding on the first call
+      # would make pmap compile the step a second time.
+      return flax.jax_utils.replicate(tree, self.local_devices, axis_name=AXIS)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.replicated, x), tree)
 
@@ -268,45 +275,45 @@ class SyntheticData:
   NUM_TRAIN = 2048
   NUM_EVAL = 200
 
-  @staticmethod
-  def dataset_info(config):
+  @classmethod
+  def dataset_info(cls, config):
     from types import SimpleNamespace
     s = config.image_size
-    return SimpleNamespace(num_classes=SyntheticData.NUM_CLASSES, image_shape=(s, s, 3),
-                           num_train=SyntheticData.NUM_TRAIN, num_eval=SyntheticData.NUM_EVAL,
+    return SimpleNamespace(num_classes=cls.NUM_CLASSES, image_shape=(s, s, 3),
+                           num_train=cls.NUM_TRAIN, num_eval=cls.NUM_EVAL,
                            eval_split=config.eval_split)
 
-  @staticmethod
-  def _examples(config, key, n):
+  @classmethod
+  def _examples(cls, config, key, n):
     s = config.image_size
     protos = np.random.default_rng(1234).normal(
-        size=(SyntheticData.NUM_CLASSES, s, s, 3)).astype(np.float32)
+        size=(cls.NUM_CLASSES, s, s, 3)).astype(np.float32)
     rng = np.random.default_rng(key)
-    labels = rng.integers(0, SyntheticData.NUM_CLASSES, n).astype(np.int32)
+    labels = rng.integers(0, cls.NUM_CLASSES, n).astype(np.int32)
     images = protos[labels] + rng.normal(size=(n, s, s, 3)).astype(np.float32)
     return images.astype(np.float32), labels
 
-  @staticmethod
-  def create_train_iter(config, *, batch_size, seed, start_step=0, process_index=None,
+  @classmethod
+  def create_train_iter(cls, config, *, batch_size, seed, start_step=0, process_index=None,
                         process_count=None):
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     for step in itertools.count(start_step):
-      images, labels = SyntheticData._examples(config, [seed, step], batch_size * pc)
+      images, labels = cls._examples(config, [seed, step], batch_size * pc)
       sl = slice(pi * batch_size, (pi + 1) * batch_size)
       yield {"image": images[sl], "label": labels[sl]}
 
-  @staticmethod
-  def create_eval_iter(config, *, batch_size, split=None, process_index=None,
+  @classmethod
+  def create_eval_iter(cls, config, *, batch_size, split=None, process_index=None,
                        process_count=None):
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    images, labels = SyntheticData._examples(config, [999], SyntheticData.NUM_EVAL)
+    images, labels = cls._examples(config, [999], cls.NUM_EVAL)
     per_step = batch_size * pc
-    for start in range(0, SyntheticData.NUM_EVAL, per_step):
+    for start in range(0, cls.NUM_EVAL, per_step):
       idx = np.arange(start, start + per_step)[pi * batch_size:(pi + 1) * batch_size]
-      mask = (idx < SyntheticData.NUM_EVAL).astype(np.float32)
-      idx = np.minimum(idx, SyntheticData.NUM_EVAL - 1)
+      mask = (idx < cls.NUM_EVAL).astype(np.float32)
+      idx = np.minimum(idx, cls.NUM_EVAL - 1)
       yield {"image": images[idx], "label": labels[idx], "mask": mask}
 
 
