@@ -11,9 +11,10 @@ and images per CPU-second of this process. The default variants are the side-by-
 float (Flax model) vs ±1 float vs int8 vs packed XOR/popcount. Prints versions, machine and load.
 
 Variants: "float_model" (the Flax BiRealNet, float emulation of ±1), "float_model/mbM" (the same
-run M images at a time with lax.map), and "IMPL[/mbM][/sK]" for the packed model's public call
-(`PackedModel.__call__`) with impl in packed.IMPLS, micro-batch M and K concurrent streams
-(defaults: packed.default_micro_batch(), packed.default_streams()); "IMPL/mbM/vwN" or
+run M images at a time with lax.map), and "IMPL[/mbM][/smbJ][/sK]" for the packed model's public
+call (`PackedModel.__call__`) with impl in packed.IMPLS, micro-batch M for the stem and J for the
+stages, K concurrent streams (defaults: packed.default_micro_batch(),
+packed.default_stage_micro_batch(), packed.default_streams()); "IMPL/mbM/vwN" or
 "IMPL/mball" jit `packed.forward` directly in one stream, with XLA's CPU vector width N bits
 (default packed.compiler_options(), i.e. 512) or the whole batch at once.
 """
@@ -113,8 +114,10 @@ def main():
                     compiler_options=copts or None)
       fns[v] = functools.partial(fwd, pm.runtime_params(name))  # device arrays, as pm(x) passes
     else:  # the public call: PackedModel.__call__ (micro-batch /mbM, /sK concurrent streams)
-      streams = next((int(o[1:]) for o in opts if o.startswith("s")), None)
-      fns[v] = functools.partial(pm, impl=name, micro_batch=mb, streams=streams)
+      streams = next((int(o[1:]) for o in opts if o[:1] == "s" and o[1:].isdigit()), None)
+      smb = next((int(o[3:]) for o in opts if o.startswith("smb")), None)
+      fns[v] = functools.partial(pm, impl=name, micro_batch=mb, streams=streams,
+                                 stage_micro_batch=smb)
 
   for b in args.batch:
     x = jax.random.normal(jax.random.key(1), (b, args.size, args.size, 3), jnp.float32)

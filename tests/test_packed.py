@@ -260,6 +260,29 @@ def test_streams_give_the_same_logits_bitwise():
   np.testing.assert_array_equal(np.asarray(jitted(pm, x)), one)
 
 
+def test_stage_micro_batches_with_remainders_match_one_batch():
+  """Stem 2 images at a time, stages 3 at a time (remainders in both phases), alone and in
+  concurrent streams: the same logits as the whole batch at once and as the float model."""
+  model, variables = _model_and_vars("bireal18", 36, stem="imagenet", stage_sizes=(1, 1, 1, 1))
+  x = jax.random.normal(jax.random.key(9), (7, 36, 36, 3))
+  pm = packed.pack(model, variables, impl="xor")
+  rp = pm.runtime_params("xor")
+  whole = np.asarray(packed.forward(pm.config, rp, x, "xor"))
+  ref = np.asarray(jax.jit(model.apply)(variables, x))
+  atol = 2e-5 * np.abs(ref).max()
+  np.testing.assert_allclose(whole, ref, rtol=0, atol=atol)
+  for mb, smb in [(2, 3), (3, 2), (None, 4), (2, None)]:
+    out = np.asarray(jax.jit(lambda rp, x, mb=mb, smb=smb: packed.forward(
+        pm.config, rp, x, "xor", mb, smb))(rp, x))
+    np.testing.assert_allclose(out, whole, rtol=0, atol=atol, err_msg=f"{mb}, {smb}")
+    np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+  one = np.asarray(pm(x, micro_batch=2, stage_micro_batch=3, streams=1))
+  np.testing.assert_array_equal(np.asarray(pm(x, micro_batch=2, stage_micro_batch=3, streams=2)),
+                                one)  # streams cut at multiples of lcm(2, 3) = 6
+  with pytest.raises(ValueError, match="stage_micro_batch must be a positive int"):
+    packed.forward(pm.config, rp, x, "xor", 2, 0)
+
+
 def test_folded_affine_formula():
   """s = γ·α/√(σ²+ε), b = β − μ·γ/√(σ²+ε) for one binary conv of a packed model."""
   model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))
