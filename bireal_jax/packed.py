@@ -560,9 +560,10 @@ def default_impl(backend: Optional[str] = None) -> str:
   """Fastest exact implementation per backend.
 
   CPU: "xor" (XLA CPU fuses the XOR/popcount sum into one loop vectorised with AVX-512
-  VPOPCNTD). Bi-Real-18 at 224² on 2 shared EPYC cores (load ~5.5), medians of 7 interleaved
-  rounds: batch 1 "xor" 3.3 ms, "int8" 15.5 ms, "float" 21.9 ms (float Flax model 22.1 ms);
-  batch 32 "xor" 332 img/s, "int8" 67, "float" 40 (float Flax model 37); see
+  VPOPCNTD). Bi-Real-18 at 224² on 2 shared EPYC cores, medians of 7 interleaved rounds at load
+  ~5.5: batch 1 "xor" 3.3 ms, "int8" 15.5 ms, "float" 21.9 ms (float Flax model 22.1 ms); batch
+  32 "xor" 332 img/s, "int8" 67, "float" 40 (float Flax model 37). At load ~8 (other sessions'
+  training) the same run gave 7.4 ms and 150 img/s for "xor": the figures follow the load. See
   experiments/bench_packed.py.
   Accelerators: "float" (±1 through the matrix units; not measured here — no GPU/TPU on the
   development machine).
