@@ -582,8 +582,8 @@ def default_stage_micro_batch(backend: Optional[str] = None) -> Optional[int]:
   return STAGE_MICRO_BATCH_CPU if (backend or jax.default_backend()) == "cpu" else None
 
 
-# Bi-Real-18 at 224², batch 32, 2 streams: micro-batch 1, 2, 4 gave 309, 331, 261 images per
-# CPU-second (medians of 7 interleaved rounds, load ~5.5)
+# Bi-Real-18 at 224², batch 32, 2 streams, one loop for stem and stages: micro-batch 1, 2, 4 gave
+# 309, 331, 261 images per CPU-second (medians of 7 interleaved rounds, load ~5.5)
 MICRO_BATCH_CPU = 2
 # Bi-Real-18 at 224², 16 images (one stream's share of 32): stem 2 at a time and then the stages
 # 2, 4, 8 at a time gave 328, 362, 349 images per CPU-second (one 2-at-a-time loop: 322)
