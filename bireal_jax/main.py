@@ -101,10 +101,30 @@ def main(argv):
   logging.info("result: %s", result)
 
 
+def _parse_flags(argv):
+  """absl flag parsing, with a readable error for `--config.<key>` naming no config key.
+
+  (`config_flags` surfaces that case as a bare AttributeError/KeyError traceback.)
+  """
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:  # e.g. --config.batch_size=abc
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    known = sorted(config_lib.get_default_config().keys())
+    unknown = [o for o in overrides if o[len("--config."):].split(".")[0] not in known]
+    print(f"error: unknown config key {', '.join(unknown) or overrides} "
+          f"({str(e).strip(chr(34))}); the config is locked, expected one of: "
+          f"{', '.join(known)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def run():
   """Console-script entry point (`bireal-jax`)."""
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

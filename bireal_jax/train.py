@@ -172,6 +172,7 @@ class Mapping:
       raise ValueError(f"config.mapping={kind!r}: expected 'pmap' or 'shard_map'")
     self.kind = kind
     devices = list(jax.devices() if devices is None else devices)
+    self.devices = devices
     self.local_devices = [d for d in devices if d.process_index == jax.process_index()]
     self.mesh = Mesh(np.array(devices), (AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
@@ -184,7 +185,8 @@ class Mapping:
     Outputs are replicated (every per-device function here ends in a collective).
     """
     if self.kind == "pmap":
-      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate, devices=self.local_devices)
+      # All devices of all processes: pmap's collectives then span every host.
+      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate, devices=self.devices)
     in_specs = tuple(P(AXIS) if b else P() for b in batched)
     # check_vma=False gives pmap's semantics: a gradient w.r.t. replicated params stays
     # per-device (with the checker on, JAX would psum it implicitly and the step's own pmean

@@ -27,7 +27,7 @@ def get_config():
   c.label_smoothing = 0.0
   c.weight_decay = 0.0
   c.batch_size = 128
-  c.eval_batch_size = 500
+  c.eval_batch_size = 512
   c.num_epochs = 8.0
   c.eval_every_epochs = 2.0
 

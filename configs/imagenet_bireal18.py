@@ -1,10 +1,9 @@
-"""Bi-Real-18 on ImageNet, the official PyTorch recipe (the one that reaches 56.4 % top-1).
+"""Bi-Real-18 on ImageNet, the official PyTorch recipe (56.4 % top-1 in the paper/README).
 
-Source: github liuzechun/Bi-Real-net, pytorch_implementation/BiReal18_34/{train.py,run.sh}:
-Adam lr 1e-3, batch 512, 256 epochs, lr × (1 − epoch/256) stepped once per epoch, weight decay 0,
-label smoothing 0.1 on the train loss, RandomResizedCrop(224, scale 0.08–1) + flip, ImageNet
-mean/std; eval resize 256 + centre crop 224. Kernel init as the authors' code (U[0, 1e-3)).
-On a small host keep batch 512 and raise `grad_accum_steps`.
+Source: liuzechun/Bi-Real-net, pytorch_implementation/BiReal18_34/train.py and its README:
+Adam lr 1e-3, batch 512, 256 epochs, lr × (1 − epoch/256) stepped once per epoch, weight decay
+0, label smoothing 0.1 on the training loss, RandomResizedCrop(224) + flip (the input pipeline).
+On a host that cannot hold 512 images per step, raise grad_accum_steps (e.g. 4 or 8).
 """
 from bireal_jax.config import get_default_config
 
@@ -17,14 +16,15 @@ def get_config():
   c.model = "bireal18"
   c.stem = "imagenet"
   c.base_width = 64
-  c.binary_kernel_init = "official"
+
   c.optimizer = "adam"
   c.learning_rate = 1e-3
   c.lr_schedule = "linear_epoch"
   c.weight_decay = 0.0
   c.label_smoothing = 0.1
   c.batch_size = 512
-  c.eval_batch_size = 500
+  c.eval_batch_size = 512
   c.num_epochs = 256.0
+  c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 1000
   return c

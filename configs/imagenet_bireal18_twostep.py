@@ -1,29 +1,40 @@
-"""Step 2 of the paper's two-step recipe: binary Bi-Real-18 fine-tuned from the clip twin.
+"""Step 2 of the paper's two-step scheme: binary Bi-Real-18 fine-tuned from the clip twin.
 
-Source: paper §4.1 (Caffe): SGD momentum 0.9, weight decay 0, batch 128, lr 0.01, 20 epochs,
-× 0.1 at epochs 10 and 15; then one epoch re-estimating BN statistics with ±1 weights (the
-Caffe retrain-BN step). The shipped Caffe solvers disagree slightly; treat as approximate.
-Set `--config.init_from=<workdir of configs/imagenet_bireal18_real_clip.py>`.
+Source: Liu et al., ECCV 2018, §4.1 / the authors' Caffe recipe (see REFERENCE.md, "Paper /
+Caffe (two-step)"): SGD momentum 0.9, weight decay 0, batch 128, lr 0.01, 20 epochs, lr × 0.1
+at epochs 10 and 15, then one epoch re-estimating BN statistics with ±1 weights. (The shipped
+Caffe solver files disagree with these numbers; treat them as approximate.)
+
+Run the clip twin first, then point init_from at its workdir:
+  python -m bireal_jax.main --config=configs/imagenet_bireal18_twostep.py \\
+      --workdir=runs/r18_twostep --config.init_from=runs/r18_clip
 """
-import os
-import sys
+from bireal_jax.config import get_default_config
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling config files
-import imagenet_bireal18  # noqa: E402
+IMAGENET_TRAIN = 1_281_167
 
 
 def get_config():
-  c = imagenet_bireal18.get_config()
+  c = get_default_config()
+  c.dataset = "imagenet2012"
+  c.image_size = 224
+  c.eval_split = "validation"
   c.model = "bireal18"
+  c.stem = "imagenet"
+  c.base_width = 64
+  c.init_from = "runs/imagenet_bireal18_real_clip"
+
   c.optimizer = "sgd"
   c.momentum = 0.9
   c.learning_rate = 0.01
   c.lr_schedule = "piecewise"
   c.lr_boundaries = (10.0, 15.0)
   c.lr_decay_factor = 0.1
+  c.weight_decay = 0.0
+  c.label_smoothing = 0.0  # the Caffe recipe has none
   c.batch_size = 128
-  c.eval_batch_size = 500
+  c.eval_batch_size = 512
   c.num_epochs = 20.0
-  c.label_smoothing = 0.0
-  c.bn_reestimate_steps = 10_000  # 1.28 M images / 128: one epoch
+  c.bn_reestimate_steps = IMAGENET_TRAIN // 128  # one epoch
+  c.checkpoint_every_steps = 2000
   return c

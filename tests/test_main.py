@@ -1,0 +1,242 @@
+"""The command line, end to end, in subprocesses: validation, bad input, preemption and crash
+recovery on Fashion-MNIST, and two processes × 4 devices against one process × 8.
+
+Tests named `test_slow_*` start several training processes (tens of seconds each on 2 cores);
+they still run in CI (deselect locally with `-k "not slow"`). Training runs are tiny: 8 px images, width 4, one block in each of 2 stages.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from bireal_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(tempfile.gettempdir(), f"bireal_jax_test_xla_cache_{os.getuid()}")
+FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+needs_fmnist = pytest.mark.skipif(not os.path.exists(FMNIST),
+                                  reason=f"Fashion-MNIST IDX files not installed ({FMNIST}); "
+                                  "`make data` installs them")
+
+TINY = ["--config.image_size=8", "--config.base_width=4", "--config.stage_sizes=(1,1)",
+        "--config.batch_size=32", "--config.eval_batch_size=64", "--config.steps_per_eval=2",
+        "--config.progress_bar=False", "--config.tensorboard=False",
+        "--config.eval_every_epochs=100"]
+
+
+def env_for(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_COMPILATION_CACHE_DIR"] = CACHE  # the same tiny programs compile once per suite
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env["JAX_PLATFORMS"] = "cpu"
+  env.pop("JAX_COORDINATOR_ADDRESS", None)
+  return env
+
+
+def cmd(*args):
+  return [sys.executable, "-m", "bireal_jax.main", *args]
+
+
+def run_cli(*args, devices=8, timeout=600):
+  return subprocess.run(cmd(*args), cwd=REPO, env=env_for(devices), capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def start_cli(*args, devices=8, log=None):
+  return subprocess.Popen(cmd(*args), cwd=REPO, env=env_for(devices), stdout=log,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def saved_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def wait_for(predicate, proc, timeout=300, what="condition"):
+  t0 = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"process ended (rc {proc.returncode}) before {what}")
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(0.05)
+
+
+def exported(workdir):
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "inference", "variables"))
+
+
+def assert_trees(a, b, exact=True):
+  import jax
+  la, ta = jax.tree_util.tree_flatten_with_path(a)
+  lb, tb = jax.tree_util.tree_flatten_with_path(b)
+  assert ta == tb
+  for (path, x), (_, y) in zip(la, lb):
+    if exact:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5,
+                                 err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation before any work
+# ---------------------------------------------------------------------------------------------
+
+
+def test_validate_names_key_value_and_expectation():
+  cases = [("batch_size", 0, "config.batch_size=0 is invalid: expected a positive integer"),
+           ("model", "bireal19", "config.model='bireal19' is invalid: expected one of"),
+           ("optimizer", "adamax", "expected one of ['adam', 'adamw', 'sgd']"),
+           ("kernel_quantizer", "ternary", "config.kernel_quantizer='ternary'"),
+           ("activation", "tanh", "config.activation='tanh'"),
+           ("mapping", "xmap", "expected one of ['pmap', 'shard_map']"),
+           ("dtype", "float16", "expected one of ['float32', 'bfloat16']"),
+           ("lr_schedule", "step", "config.lr_schedule='step'"),
+           ("label_smoothing", 1.5, "a value in [0, 1)"),
+           ("grad_accum_steps", 3, "config.batch_size=512 is invalid: expected a multiple of "
+            "grad_accum_steps=3"),
+           ("dataset", "cifar10", "config.dataset='cifar10'"),
+           ("stage_sizes", (4, 0), "config.stage_sizes=(4, 0)")]
+  for key, value, expected in cases:
+    c = config_lib.get_default_config()
+    c[key] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.validate(c)
+    assert expected in str(e.value), (key, str(e.value))
+  c = config_lib.get_default_config()
+  config_lib.validate(c, device_count=8)  # the default recipe itself is valid
+  with pytest.raises(config_lib.ConfigError, match="device_count × grad_accum_steps = 8 × 3"):
+    c.batch_size, c.grad_accum_steps = 36, 3
+    config_lib.validate(c, device_count=8)
+  with pytest.raises(AttributeError):  # locked like the CLI's config: no new keys
+    c.lock()
+    c.learning_rate_typo = 1.0
+
+
+def test_cli_refuses_bad_config_before_any_work(tmp_path):
+  wd = str(tmp_path / "wd")
+  r = run_cli("--config=configs/fashion_mnist.py", f"--workdir={wd}", "--config.lerning_rate=1")
+  assert r.returncode == 2
+  assert "unknown config key --config.lerning_rate" in r.stderr and "learning_rate" in r.stderr
+  r = run_cli("--config=configs/fashion_mnist.py", f"--workdir={wd}", "--config.batch_size=36")
+  assert r.returncode == 2
+  assert ("config.batch_size=36 is invalid: expected a multiple of device_count × "
+          "grad_accum_steps = 8 × 1 = 8") in r.stderr
+  assert not os.path.exists(wd)  # nothing was created
+
+
+def test_cli_reports_missing_imagenet_archives(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  r = run_cli("--config=configs/imagenet_bireal18.py", f"--workdir={tmp_path / 'wd'}",
+              f"--config.data_dir={tmp_path / 'tfds'}", f"--config.manual_dir={manual}")
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "ILSVRC2012_img_train.tar" in r.stderr and "MISSING" in r.stderr
+  assert str(manual) in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption and crashes (Fashion-MNIST through the real input pipeline)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_slow_sigkill_then_sigterm_then_resume_equals_uninterrupted_run(tmp_path):
+  steps = 400
+  args = ["--config=configs/fashion_mnist.py", *TINY, f"--config.num_train_steps={steps}",
+          "--config.checkpoint_every_steps=20", "--config.log_every_steps=20",
+          "--config.lr_schedule=cosine"]
+  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+  r = run_cli(*args, f"--workdir={ref}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Final evaluation" in r.stdout
+
+  with open(tmp_path / "log1.txt", "w") as log:  # 1. SIGKILL mid-run
+    p = start_cli(*args, f"--workdir={run}", log=log)
+    wait_for(lambda: any(s >= 60 for s in saved_steps(run)), p, what="checkpoint 60")
+    p.send_signal(signal.SIGKILL)
+    assert p.wait(60) == -signal.SIGKILL
+  killed_at = max(saved_steps(run))
+  assert killed_at < steps
+
+  with open(tmp_path / "log2.txt", "w") as log:  # 2. resume, then SIGTERM mid-run
+    p = start_cli(*args, f"--workdir={run}", log=log)
+    wait_for(lambda: max(saved_steps(run)) > killed_at + 40, p, what="a newer checkpoint")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(120) == 0
+  out = (tmp_path / "log2.txt").read_text()
+  assert f"Resuming from checkpoint step {killed_at}" in out
+  assert "SIGTERM received: checkpoint saved at step" in out
+  term_step = int(out.split("SIGTERM received: checkpoint saved at step ")[1].split()[0])
+  assert term_step in saved_steps(run) and term_step < steps
+
+  r = run_cli(*args, f"--workdir={run}")  # 3. resume to the end
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"Resuming from checkpoint step {term_step}" in r.stdout
+  assert_trees(exported(run), exported(ref), exact=True)
+
+  # Eval-only mode on the finished run prints top-1/top-5 of its last checkpoint.
+  r = run_cli("--config=configs/fashion_mnist.py", *TINY, "--config.steps_per_eval=-1",
+              f"--workdir={run}", "--mode=eval", "--eval_split=test[:256]")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"(step {steps}, bireal18) on test[:256], 256 images: top-1" in r.stdout
+
+  # The same workdir with another image size is refused, its checkpoints untouched.
+  before = saved_steps(run)
+  r = run_cli("--config=configs/fashion_mnist.py", *TINY, "--config.image_size=12",
+              f"--workdir={run}")
+  assert r.returncode == 1
+  assert "image_shape: workdir has [8, 8, 1], config has [12, 12, 1]" in r.stderr
+  assert saved_steps(run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Several hosts: 2 processes × 4 devices against 1 process × 8 devices
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
+def test_slow_two_processes_match_one_process(tmp_path, mapping):
+  # Synthetic data: its global batch is the same for any process count (Fashion-MNIST shards
+  # per process, so 2 processes see other batches than 1 by design).
+  args = ["--config=configs/fashion_mnist.py", *TINY, "--config.dataset=synthetic",
+          "--config.num_train_steps=6", "--config.checkpoint_every_steps=3",
+          f"--config.mapping={mapping}"]
+  one = str(tmp_path / "one")
+  r = run_cli(*args, f"--workdir={one}", devices=8)
+  assert r.returncode == 0, r.stderr[-3000:]
+  two = str(tmp_path / "two")
+  port = free_port()
+  procs = []
+  for pid in range(2):
+    log = open(tmp_path / f"p{pid}.txt", "w")
+    procs.append((start_cli(*args, f"--workdir={two}", "--config.distributed=on",
+                            f"--config.coordinator_address=127.0.0.1:{port}",
+                            "--config.num_processes=2", f"--config.process_id={pid}",
+                            devices=4, log=log), log))
+  for pid, (p, log) in enumerate(procs):
+    rc = p.wait(600)
+    log.close()
+    assert rc == 0, (tmp_path / f"p{pid}.txt").read_text()[-3000:]
+  out0 = (tmp_path / "p0.txt").read_text()
+  assert "8 device(s) in 2 process(es)" in out0
+  assert saved_steps(two) == [3, 6]
+  assert_trees(exported(two), exported(one), exact=False)
+  top1 = lambda text: text.split("Final evaluation")[1].split("top-1 ")[1].split("%")[0]
+  assert top1(out0) == top1(r.stdout)
