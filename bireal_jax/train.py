@@ -372,17 +372,25 @@ class MetricLog:
 
 
 class _Preemption:
-  """SIGTERM → finish the current step, checkpoint, exit 0 (main thread only)."""
+  """SIGTERM → finish the current step, checkpoint, exit 0.
 
-  def __init__(self):
+  One process: a Python handler sets a flag read at each step boundary. Several processes:
+  JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM and
+  `reached_preemption_sync_point` makes every process stop at the same step, so no Python
+  handler is installed (it would replace the service's).
+  """
+
+  def __init__(self, single_process: bool):
     self.requested = False
+    self._single = single_process
     self._previous = None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
+    if self._single:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
@@ -557,7 +565,7 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
                                           process_count=pc)
     put = functools.partial(mapping.put_batch, micro_batches=config.grad_accum_steps)
     train_iter = prefetch(train_iter, put, config.prefetch)
-    with _Preemption() as preemption:
+    with _Preemption(single_process=pc == 1) as preemption:
       while step < s.total_steps:
         batch = next(train_iter)
         pstate, metrics = p_train_step(pstate, batch)

@@ -275,3 +275,14 @@ def test_train_and_evaluate_learns_and_logs(tmp_path):
   # A second call finds the finished run and only evaluates it again.
   again = train.train_and_evaluate(c, str(tmp_path))
   assert again["step"] == 24 and math.isclose(again["top1"], result["top1"])
+
+
+def test_bfloat16_compute_trains_with_float32_parameters():
+  c = tiny_config(dtype="bfloat16")
+  state, losses = run_steps(c, train.Mapping("pmap", devices=jax.devices()[:1]),
+                            synthetic_batches(c, 2))
+  assert all(np.isfinite(losses))
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+  f32, l32 = run_steps(tiny_config(), train.Mapping("pmap", devices=jax.devices()[:1]),
+                       synthetic_batches(c, 1))
+  assert abs(losses[0] - l32[0]) < 0.05  # same model and data, bf16 rounding only
