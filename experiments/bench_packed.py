@@ -7,8 +7,10 @@ its top-1 is compared with the first variant (the float Flax model) and its max 
 Variants are timed in interleaved rounds (A B C A B C ...) so that load from other processes on a
 shared machine hits all of them alike; the median and the minimum over rounds are printed
 (compile and one warm-up call excluded), with the speed-up of each median over the first variant
-and images per CPU-second of this process. The default variants are the side-by-side comparison
-float (Flax model) vs ±1 float vs int8 vs packed XOR/popcount. Prints versions, machine and load.
+and images per CPU-second of this process (independent of how many cores other processes take,
+not of how they share caches: on the shared 2-core EPYC it ranged 215–335 for the same code).
+The default variants are the side-by-side comparison float (Flax model) vs ±1 float vs int8 vs
+packed XOR/popcount. Prints versions, machine and load.
 
 Variants: "float_model" (the Flax BiRealNet, float emulation of ±1), "float_model/mbM" (the same
 run M images at a time with lax.map), and "IMPL[/mbM][/smbJ][/sK]" for the packed model's public
@@ -138,7 +140,7 @@ def main():
     base = statistics.median(ts[args.variants[0]])
     print(f"batch {b}  (load avg {' '.join(f'{l:.1f}' for l in os.getloadavg())}; ×: speed-up of "
           f"the median over {args.variants[0]}; img/CPU-s: images per second of this process's "
-          f"CPU time, less sensitive to other load)")
+          f"CPU time: not its share of the cores, but still slowed by co-runners' cache use)")
     for v in fns:
       med, best, c = statistics.median(ts[v]), min(ts[v]), statistics.median(cpu[v])
       print(f"  {v:18s} median {med * 1e3:8.2f} ms ({b / med:7.1f} img/s, ×{base / med:5.2f})  min "
