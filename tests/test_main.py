@@ -123,6 +123,42 @@ def test_validate_names_key_value_and_expectation():
     c.learning_rate_typo = 1.0
 
 
+def load_config_file(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_config_files_validate_and_match_the_published_recipes():
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+  assert {"fashion_mnist", "fashion_mnist_real", "fashion_mnist_long", "imagenet_bireal18",
+          "imagenet_bireal34", "imagenet_bireal50", "imagenet_bireal18_real_clip",
+          "imagenet_bireal18_twostep"} <= set(names)
+  configs = {n: load_config_file(n) for n in names}
+  for c in configs.values():
+    config_lib.validate(c, device_count=8)
+  official = dict(optimizer="adam", lr_schedule="linear_epoch", num_epochs=256.0,
+                  weight_decay=0.0, label_smoothing=0.1, image_size=224)
+  for name, model, lr, batch in [("imagenet_bireal18", "bireal18", 1e-3, 512),
+                                 ("imagenet_bireal34", "bireal34", 1e-3, 512),
+                                 ("imagenet_bireal50", "bireal50", 5e-4, 256)]:
+    c = configs[name]
+    assert (c.model, c.learning_rate, c.batch_size) == (model, lr, batch)
+    assert {k: c[k] for k in official} == official
+  two = configs["imagenet_bireal18_twostep"]
+  assert (two.optimizer, two.momentum, two.learning_rate, two.batch_size, two.num_epochs,
+          tuple(two.lr_boundaries), two.lr_decay_factor, two.weight_decay) == \
+      ("sgd", 0.9, 0.01, 128, 20.0, (10.0, 15.0), 0.1, 0.0)
+  assert two.bn_reestimate_steps > 0 and configs["imagenet_bireal18_real_clip"].model == \
+      "bireal18_real"
+  demo, real = configs["fashion_mnist"], configs["fashion_mnist_real"]
+  assert real.model == "bireal18_real" and demo.model == "bireal18"
+  assert {k: v for k, v in real.items() if k != "model"} == \
+      {k: v for k, v in demo.items() if k != "model"}  # twins: same tree, same recipe
+
+
 def test_cli_refuses_bad_config_before_any_work(tmp_path):
   wd = str(tmp_path / "wd")
   r = run_cli("--config=configs/fashion_mnist.py", f"--workdir={wd}", "--config.lerning_rate=1")

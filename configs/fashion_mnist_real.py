@@ -1,0 +1,23 @@
+"""Real-valued clip twin of the CPU demo (configs/fashion_mnist.py), step 1 of two-step training.
+
+Source: Liu et al., ECCV 2018, §3.4: the same network with clip(x) = max(-1, min(1, x)) in
+place of sign and real-valued kernels (model "bireal18_real": identical parameter tree), so its
+checkpoint can initialise the binary net (configs/fashion_mnist_long.py). Everything else is
+the demo's recipe, read from fashion_mnist.py so that the two stay twins.
+"""
+import importlib.util
+import os
+
+
+def _demo_config():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist.py")
+  spec = importlib.util.spec_from_file_location("fashion_mnist_demo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  c = _demo_config()
+  c.model = "bireal18_real"  # activation hardtanh, kernel_quantizer None
+  return c
