@@ -10,15 +10,12 @@ corrupted on disk) is skipped with a warning in favour of the previous one.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -104,7 +101,6 @@ class Checkpoints:
            f"({type(e).__name__}: {_short(e)}); "
            + (f"falling back to step {older[0]}" if older else
               "no older checkpoint: starting from scratch"))
-    log.warning(msg)
     if jax.process_index() == 0:
       print(msg, flush=True)
 

@@ -76,6 +76,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # tf.data's C++ INFO lines, not warnings
   initialize_distributed(config)
   import jax
   try:  # the device-dependent checks (batch divisibility), still before any work
