@@ -1,0 +1,243 @@
+"""CPU fast paths (int8 binary-conv forward, sliced max-pool, compiler options) against the plain
+lax reference paths: same values and gradients to float tolerance, ties routed alike."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bireal_jax import layers, models, quantizers
+from bireal_jax.layers import BinaryConv
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
+                                reason="the fast paths are CPU-only by design")
+
+
+def _x(*shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def _key(seed=0):
+  return jax.random.key(seed, impl="rbg")
+
+
+def _traced(fn, *args, fast):
+  """Jaxpr text of `fn` traced with the fast paths on or off."""
+  with layers.cpu_fast_paths(fast):
+    return str(jax.make_jaxpr(lambda *a: fn(*a))(*args))  # fresh lambda: no trace-cache reuse
+
+
+def _both(fn, *args):
+  """`fn(*args)` jitted once with the fast paths and once with the reference paths."""
+  out = []
+  for fast in (True, False):
+    with layers.cpu_fast_paths(fast):
+      out.append(jax.jit(lambda *a: fn(*a))(*args))  # fresh lambda: no trace-cache sharing
+  return out
+
+
+def _close(a, b, rtol=2e-5):
+  """Leafwise close relative to each leaf's scale (sums of many terms reorder rounding). Leaves
+  that are zero up to cancellation noise (e.g. a BN bias whose gradient cancels) are compared
+  relative to 1e-2 of the largest leaf instead of their own noise."""
+  pairs = [(np.asarray(x, np.float64), np.asarray(y, np.float64))
+           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  assert len(pairs) == len(jax.tree.leaves(b)) and pairs
+  floor = 1e-2 * max(np.abs(y).max() for _, y in pairs)
+  for x, y in pairs:
+    assert x.shape == y.shape
+    np.testing.assert_allclose(x, y, rtol=0, atol=rtol * max(np.abs(y).max(), floor, 1e-30))
+
+
+# ------------------------------------------------------------------------------------------------
+# Max-pool
+# ------------------------------------------------------------------------------------------------
+
+POOLS = [
+    ((2, 9, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),   # stem geometry, odd/even sizes
+    ((2, 10, 10, 4), (3, 3), (2, 2), "SAME"),
+    ((1, 7, 6, 2), (2, 3), (1, 2), ((0, 1), (2, 0))),   # asymmetric window, stride and pads
+    ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),
+]
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", POOLS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_values_and_gradients_match_nn_max_pool(shape, window, strides, padding, ties):
+  x = _x(*shape)
+  if ties:  # few distinct values: most windows hold several equal maxima
+    x = jnp.round(x)
+  ref = lambda v: nn.max_pool(v, window, strides, padding=padding)
+  new = lambda v: layers.max_pool(v, window, strides, padding)
+  assert "reduce_window_max" not in _traced(new, x, fast=True)
+  y_ref, vjp_ref = jax.vjp(ref, x)
+  y_new, vjp_new = jax.vjp(new, x)
+  np.testing.assert_array_equal(y_new, y_ref)
+  # Integer cotangents: every gradient entry is an exact small sum, so routing must match exactly.
+  g = jnp.asarray(np.random.default_rng(1).integers(1, 50, y_ref.shape).astype(np.float32))
+  np.testing.assert_array_equal(vjp_new(g)[0], vjp_ref(g)[0])
+
+
+def test_max_pool_sends_each_tied_window_gradient_to_its_first_maximum():
+  x = jnp.zeros((1, 4, 4, 1))  # all equal: the first valid pixel of each window wins
+  g = jnp.asarray(np.arange(1, 5, dtype=np.float32).reshape(1, 2, 2, 1))
+  dx = jax.vjp(lambda v: layers.max_pool(v), x)[1](g)[0][0, :, :, 0]
+  expected = np.zeros((4, 4), np.float32)
+  expected[0, 0], expected[0, 1], expected[1, 0], expected[1, 1] = 1, 2, 3, 4
+  np.testing.assert_array_equal(dx, expected)
+
+
+def test_max_pool_reference_path_off_cpu_fast_paths():
+  x = _x(1, 6, 6, 2)
+  assert "reduce_window_max" in _traced(lambda v: layers.max_pool(v), x, fast=False)
+
+
+def test_max_pool_rejects_bad_ranks():
+  with pytest.raises(ValueError, match="NHWC"):
+    layers.max_pool(jnp.zeros((4, 4, 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Binary convolution
+# ------------------------------------------------------------------------------------------------
+
+CONVS = [  # (input shape, features, kernel, stride, padding, int8 branch expected)
+    ((2, 9, 8, 3), 5, 3, 1, 1, True),            # 9x8 output <= 14x14
+    ((2, 16, 16, 4), 6, 3, 1, 1, False),         # 16x16 output, stride 1: f32 conv
+    ((2, 16, 16, 4), 6, 3, 2, 1, True),          # strided
+    ((2, 11, 10, 3), 4, 3, 2, "SAME", True),
+    ((1, 9, 9, 2), 3, 3, 2, "VALID", True),
+    ((2, 8, 8, 4), 8, 1, 2, 0, True),            # 1x1 shortcut-style conv
+    ((1, 9, 8, 3), 5, 3, 2, ((2, 0), (0, 1)), True),
+]
+
+
+@pytest.mark.parametrize("shape,features,k,stride,padding,int8", CONVS)
+@pytest.mark.parametrize("activation,kernel_quantizer", [
+    ("approx_sign", "magnitude_aware"), ("ste_sign", "official"), ("identity_sign", "sign")])
+def test_binary_conv_fast_path_matches_lax_conv_values_and_gradients(
+    shape, features, k, stride, padding, int8, activation, kernel_quantizer):
+  x = _x(*shape)
+  conv = BinaryConv(features, (k, k), stride, padding=padding, input_quantizer=activation,
+                    kernel_quantizer=kernel_quantizer, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(1), x)
+  g = _x(*jax.eval_shape(conv.apply, params, x).shape, seed=2)
+
+  def value_and_grads(p, v):
+    y, vjp = jax.vjp(conv.apply, p, v)
+    return y, vjp(g)
+
+  assert ("i8" in _traced(value_and_grads, params, x, fast=True)) == int8
+  assert "i8" not in _traced(value_and_grads, params, x, fast=False)
+  (y_fast, grads_fast), (y_ref, grads_ref) = _both(value_and_grads, params, x)
+  _close(y_fast, y_ref)
+  _close(grads_fast, grads_ref)
+
+
+def test_int8_branch_is_at_least_as_exact_as_the_f32_conv():
+  # ±1 inputs times ±α kernels: the exact result is α·(integer sum), computed in float64.
+  x = _x(2, 7, 7, 64)
+  conv = BinaryConv(16, (3, 3), 1, padding=1, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(3), x)
+  kernel = np.asarray(params["params"]["kernel"], np.float64)
+  alpha = np.abs(kernel).mean(axis=(0, 1, 2))
+  xs = np.pad(np.where(np.asarray(x) >= 0, 1.0, -1.0), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ws = np.where(kernel >= 0, 1.0, -1.0)
+  exact = sum(xs[:, i:i + 7, j:j + 7, :] @ ws[i, j] for i in range(3) for j in range(3)) * alpha
+  y_fast, y_ref = _both(conv.apply, params, x)
+  err_fast = np.abs(np.asarray(y_fast, np.float64) - exact).max()
+  err_ref = np.abs(np.asarray(y_ref, np.float64) - exact).max()
+  assert err_fast <= err_ref + 1e-12
+  assert err_fast <= 4 * np.finfo(np.float32).eps * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("activation,kernel_quantizer", [("hardtanh", None), ("approx_sign", None),
+                                                          (None, "magnitude_aware")])
+def test_non_binary_convs_keep_the_lax_conv(activation, kernel_quantizer):
+  x = _x(1, 6, 6, 3)
+  conv = BinaryConv(4, (3, 3), 2, padding=1, input_quantizer=activation,
+                    kernel_quantizer=kernel_quantizer, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(0), x)
+  assert "i8" not in _traced(conv.apply, params, x, fast=True)
+
+
+def test_bfloat16_convs_keep_the_lax_conv():
+  x = _x(1, 6, 6, 3)
+  conv = BinaryConv(4, (3, 3), 2, padding=1, dtype=jnp.bfloat16, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(0), x)
+  assert "i8" not in _traced(conv.apply, params, x, fast=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole model: gradients of a tiny net, fast vs reference paths, and under the compiler options
+# ------------------------------------------------------------------------------------------------
+
+
+def _loss_and_grads(model, variables, images, labels):
+  def loss_fn(params):
+    logits, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                              images, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), upd
+  (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+  return loss, grads, upd["batch_stats"]
+
+
+@pytest.mark.parametrize("stem,size", [("imagenet", 64), ("small", 14)])
+def test_tiny_bireal18_gradients_match_the_reference_paths(stem, size):
+  model = models.get("bireal18", num_classes=7, base_width=8, stem=stem,
+                     binary_kernel_init="lecun_normal")
+  images = _x(3, size, size, 3, seed=4)
+  labels = jnp.asarray([0, 3, 6])
+  variables = jax.jit(model.init)(_key(5), images[:1])
+  fn = functools.partial(_loss_and_grads, model)
+  assert "i8" in _traced(fn, variables, images, labels, fast=True)
+  fast, ref = _both(fn, variables, images, labels)
+  _close(fast[0], ref[0], rtol=1e-5)
+  _close(fast[1], ref[1], rtol=1e-4)  # 11 binary layers deep: reordered f32 sums compound
+  _close(fast[2], ref[2], rtol=1e-5)
+
+
+def test_cpu_compiler_options_move_convolutions_off_ynnpack():
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
+  plain = jax.jit(conv).lower(x, w).compile().as_text()
+  tuned = jax.jit(conv).lower(x, w).compile(compiler_options=layers.cpu_compiler_options())
+  # Guards the option's spelling: jaxlib rejects unknown enum names, and a no-op would show here.
+  assert "__ynn_fusion" in plain
+  assert "__ynn_fusion" not in tuned.as_text()
+
+
+def test_cpu_compiler_options_keep_gradients():
+  opts = layers.cpu_compiler_options()
+  model = models.get("bireal18", num_classes=5, base_width=8, stem="small")
+  images = _x(2, 12, 12, 3, seed=6)
+  labels = jnp.asarray([1, 4])
+  variables = jax.jit(model.init)(_key(7), images[:1])
+  fn = functools.partial(_loss_and_grads, model)
+  tuned = jax.jit(lambda *a: fn(*a), compiler_options=opts)
+  plain = jax.jit(lambda *a: fn(*a))
+  _close(tuned(variables, images, labels), plain(variables, images, labels), rtol=1e-5)
+
+
+def test_fast_path_switch_restores_state():
+  assert layers.on_cpu()
+  with layers.cpu_fast_paths(False):
+    assert not layers.on_cpu()
+    with layers.cpu_fast_paths(True):
+      assert layers.on_cpu()
+    assert not layers.on_cpu()
+  assert layers.on_cpu()
+
+
+def test_quantizer_tuples_name_registered_binary_quantizers():
+  # The int8 path relies on these producing exactly ±1 / α·sign: keep them in the registry sets.
+  for fn in layers._PM1_ACTIVATIONS:
+    name = next(n for n in quantizers.names() if quantizers.get(n) is fn)
+    assert name in quantizers.BINARY_ACTIVATIONS
+  for fn in layers._ALPHA_SIGN_WEIGHTS:
+    name = next(n for n in quantizers.names() if quantizers.get(n) is fn)
+    assert name in quantizers.BINARY_WEIGHTS
