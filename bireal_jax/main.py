@@ -29,6 +29,11 @@ flags.DEFINE_enum("mode", None, list(config_lib.MODES),
                   "Overrides config.mode: 'train' (with periodic eval) or 'eval' (checkpoint "
                   "in --workdir, on config.eval_split).")
 flags.DEFINE_string("eval_split", None, "Overrides config.eval_split (e.g. 'test', 'train').")
+flags.DEFINE_bool("dry_run", False,
+                  "Check a launch before paying for accelerators: build the input pipeline (on "
+                  "tiny generated ImageNet-format archives for imagenet2012), compile the step "
+                  "and run 3 steps at 2 images per device plus one eval batch, in "
+                  "WORKDIR/dry_run. Model, image size, optimizer and mapping are the config's.")
 
 
 def _wants_distributed(config) -> bool:
@@ -53,6 +58,26 @@ def initialize_distributed(config) -> None:
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+def apply_dry_run(config, workdir: str, device_count: int) -> str:
+  """Shrink `config` to a few-step check of the same model and code path; returns its workdir."""
+  dry_workdir = os.path.join(workdir, "dry_run")
+  with config.unlocked():
+    if config.dataset == "imagenet2012":  # real archives not needed: tiny ones in the real format
+      from bireal_jax import imagenet_fixture
+      dirs = imagenet_fixture.tiny_imagenet_dirs(os.path.join(dry_workdir, "data"))
+      config.manual_dir, config.data_dir = dirs["manual_dir"], dirs["data_dir"]
+      config.eval_split = "validation"
+      config.shuffle_buffer_size = 64
+    config.batch_size = config.eval_batch_size = 2 * device_count
+    config.grad_accum_steps = 1
+    config.num_train_steps = 3
+    config.steps_per_eval = 1
+    config.checkpoint_every_steps = 2
+    config.bn_reestimate_steps = min(config.bn_reestimate_steps, 1)
+    config.init_from = None  # the two-step config's clip checkpoint does not exist yet
+  return dry_workdir
 
 
 def main(argv):
@@ -85,16 +110,19 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  workdir = FLAGS.workdir
+  if FLAGS.dry_run:
+    workdir = apply_dry_run(config, workdir, jax.device_count())
   from bireal_jax import checkpoint, train  # imports Orbax (and TensorFlow for real data)
   if jax.process_index() == 0:
     print(f"bireal_jax: {config.mode} {config.model} on {config.dataset}, "
           f"{jax.device_count()} device(s) in {jax.process_count()} process(es), "
-          f"workdir {FLAGS.workdir}", flush=True)
+          f"workdir {workdir}{' (dry run)' if FLAGS.dry_run else ''}", flush=True)
   try:
     if config.mode == "train":
-      result = train.train_and_evaluate(config, FLAGS.workdir)
+      result = train.train_and_evaluate(config, workdir)
     else:
-      result = train.evaluate_checkpoint(config, FLAGS.workdir)
+      result = train.evaluate_checkpoint(config, workdir)
   except (config_lib.ConfigError, checkpoint.CheckpointError, train.TrainingDiverged,
           FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
