@@ -1,27 +1,43 @@
-"""Throughput of the float-emulated model on CPU: eval forward and one Adam train step, in img/s.
+"""Throughput of the float-emulated model on CPU: one Adam train step, eval forward, batch-1 latency.
 
   .venv/bin/python experiments/bench_model.py --model bireal18 --image-size 224 --batch-size 32
 
-Both programs are jitted; the train step is Adam + softmax cross-entropy with batch_stats mutable
-(the same work as `bireal_jax.train`'s step, minus metrics). Timings are medians of `--repeats`
-timed calls after `--warmup` untimed calls (compile excluded). Load averages are printed before
-and after because a shared machine makes the figures noisy.
+Every program is jitted and timed after `--warmup` untimed calls (compile excluded); figures are
+medians of `--repeats` calls. Several variants are compiled in the same process and timed
+interleaved (A, B, A, B, ...), so load from other processes hits them alike; the ratio column
+compares each variant with the last one. Variants are `PATHS:OPTIONS`:
+
+  PATHS    lib  the library as shipped (CPU fast paths: int8 binary-conv forward, sliced max-pool)
+           ref  the same model traced with `layers.cpu_fast_paths(False)` (plain lax ops)
+  OPTIONS  default  XLA's default compiler options
+           cpu      `layers.cpu_compiler_options()` (Eigen instead of YNNPACK convolutions)
+
+The train step is Adam + softmax cross-entropy with batch_stats mutable (the work of
+`bireal_jax.train`'s step, minus metrics). Besides wall time it reports CPU seconds per call
+(user+sys of this process), which is less sensitive to other processes on a shared machine.
+Load averages are printed before and after.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import resource
 import statistics
 import time
 
 import flax
 import jax
+import jaxlib
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bireal_jax import models
+from bireal_jax import layers, models
+
+DEFAULT_VARIANTS = {"train": "lib:cpu,lib:default,ref:default",
+                    "eval": "lib:default,lib:cpu,ref:default",
+                    "latency": "lib:default,ref:default"}
 
 
 def cpu_model() -> str:
@@ -43,17 +59,92 @@ def loadavg() -> str:
     return "n/a"
 
 
-def timed(fn, args, warmup: int, repeats: int) -> list[float]:
-  for _ in range(warmup):
-    args = fn(*args)
-  jax.block_until_ready(args)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    args = fn(*args)
+def cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def compiler_options(name: str) -> dict:
+  if name == "default":
+    return {}
+  if name == "cpu":
+    return layers.cpu_compiler_options()
+  raise ValueError(f"unknown compiler options {name!r}; expected 'default' or 'cpu'")
+
+
+class Programs:
+  """Jitted train step, eval forward and batch-1 forward of one model, with their inputs."""
+
+  def __init__(self, model_name: str, batch: int, size: int, num_classes: int,
+               dtype: str = "float32", seed: int = 0):
+    self.model = models.get(model_name, num_classes=num_classes, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    self.images = jnp.asarray(rng.standard_normal((batch, size, size, 3), np.float32))
+    self.labels = jnp.asarray(rng.integers(0, num_classes, batch))
+    # rbg key: the jitted init compiles far faster than with threefry; values don't affect speed.
+    self.variables = jax.jit(self.model.init)(jax.random.key(seed, impl="rbg"), self.images[:1])
+    self.tx = optax.adam(1e-3)
+    self.opt_state = self.tx.init(self.variables["params"])
+
+  def _train_step(self, params, batch_stats, opt_state, images, labels):
+    def loss_fn(params):
+      logits, upd = self.model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                     train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, upd["batch_stats"]
+    (_, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state
+
+  def _forward(self, variables, images):
+    return self.model.apply(variables, images)
+
+  def compile(self, kind: str, paths: str, options: str):
+    """(compiled fn, args, images per call, step) for kind in train/eval/latency.
+
+    `step(fn, args)` runs one call and returns the args of the next (the train state advances).
+    """
+    if paths not in ("lib", "ref"):
+      raise ValueError(f"unknown paths {paths!r}; expected 'lib' or 'ref'")
+    if kind == "train":
+      fn = lambda *a: self._train_step(*a)  # fresh function object: no trace-cache sharing
+      args = (self.variables["params"], self.variables["batch_stats"], self.opt_state,
+              self.images, self.labels)
+      step = lambda c, a: (*c(*a), a[3], a[4])
+      n = self.images.shape[0]
+    elif kind in ("eval", "latency"):
+      fn = lambda *a: self._forward(*a)
+      images = self.images if kind == "eval" else self.images[:1]
+      args = (self.variables, images)
+      step = lambda c, a: (jax.block_until_ready(c(*a)), a)[1]  # same inputs every call
+      n = images.shape[0]
+    else:
+      raise ValueError(f"unknown kind {kind!r}")
+    with layers.cpu_fast_paths(paths == "lib"):
+      compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options(options))
+    return compiled, args, n, step
+
+
+def run_interleaved(entries: dict, warmup: int, repeats: int) -> dict:
+  """Times each entry's calls interleaved; returns {name: (wall list, cpu list, n)}."""
+  state = {}
+  for name, (compiled, args, n, step) in entries.items():
+    for _ in range(warmup):
+      args = step(compiled, args)
     jax.block_until_ready(args)
-    times.append(time.perf_counter() - t)
-  return times
+    state[name] = args
+  out = {name: ([], [], entries[name][2]) for name in entries}
+  for _ in range(repeats):
+    for name, (compiled, _, _, step) in entries.items():
+      t, c = time.perf_counter(), cpu_seconds()
+      state[name] = jax.block_until_ready(step(compiled, state[name]))
+      out[name][0].append(time.perf_counter() - t)
+      out[name][1].append(cpu_seconds() - c)
+  return out
 
 
 def main(argv=None) -> None:
@@ -62,69 +153,57 @@ def main(argv=None) -> None:
   ap.add_argument("--image-size", type=int, default=224)
   ap.add_argument("--batch-size", type=int, default=32)
   ap.add_argument("--num-classes", type=int, default=1000)
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
   ap.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
-  ap.add_argument("--mode", choices=("both", "forward", "train"), default="both")
+  ap.add_argument("--mode", choices=("all", "both", "train", "forward", "latency"), default="all",
+                  help="all = train + eval forward + batch-1 latency; both = train + eval")
+  for kind in ("train", "eval", "latency"):
+    ap.add_argument(f"--{kind}-variants", default=DEFAULT_VARIANTS[kind],
+                    help=f"comma-separated PATHS:OPTIONS (default {DEFAULT_VARIANTS[kind]})")
   args = ap.parse_args(argv)
   if args.model not in models.names():
     ap.error(f"unknown model {args.model!r}; expected one of {models.names()}")
   for flag in ("image_size", "batch_size", "num_classes", "repeats"):
     if getattr(args, flag) < 1:
       ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+  kinds = {"all": ("train", "eval", "latency"), "both": ("train", "eval"), "train": ("train",),
+           "forward": ("eval",), "latency": ("latency",)}[args.mode]
+  variants = {}
+  for kind in kinds:
+    vs = [v.strip() for v in getattr(args, f"{kind}_variants").split(",") if v.strip()]
+    for v in vs:
+      if v.count(":") != 1 or v.split(":")[0] not in ("lib", "ref") or \
+         v.split(":")[1] not in ("default", "cpu"):
+        ap.error(f"variant {v!r} must be PATHS:OPTIONS with PATHS lib|ref, OPTIONS default|cpu")
+    variants[kind] = vs
 
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  print(f"jax {jax.__version__}  flax {flax.__version__}  optax {optax.__version__}  "
-        f"python {platform.python_version()}")
-  print(f"cpu {cpu_model()}  cores {cores} (os.cpu_count {os.cpu_count()})  "
+  print(f"jax {jax.__version__}  jaxlib {jaxlib.__version__}  flax {flax.__version__}  optax {optax.__version__}  python {platform.python_version()}")
+  print(f"cpu {cpu_model()}  cores {cores()} (os.cpu_count {os.cpu_count()})  "
         f"backend {jax.default_backend()}  devices {jax.local_device_count()}")
-  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  load average before: {loadavg()}")
-
-  model = models.get(args.model, num_classes=args.num_classes, dtype=args.dtype)
-  b, s = args.batch_size, args.image_size
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((b, s, s, 3), np.float32))
-  labels = jnp.asarray(rng.integers(0, args.num_classes, b))
-  # rbg key: the jitted init compiles far faster than with threefry; values don't affect speed.
-  variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), images[:1])
-  tx = optax.adam(1e-3)
-
-  @jax.jit
-  def forward(variables, images):
-    return variables, model.apply(variables, images)
-
-  @jax.jit
-  def train_step(params, batch_stats, opt_state):
-    def loss_fn(params):
-      logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                train=True, mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, upd["batch_stats"]
-    (_, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state
-
-  print(f"model {args.model}  image {s}x{s}  batch {b}  dtype {args.dtype}  "
-        f"repeats {args.repeats} (median) after {args.warmup} warm-up calls")
-  results = {}
-  if args.mode in ("both", "forward"):
-    t = time.perf_counter()
-    jax.block_until_ready(forward(variables, images))
-    compile_s = time.perf_counter() - t
-    ts = timed(lambda v, _: forward(v, images), (variables, None), args.warmup, args.repeats)
-    results["forward (eval)"] = (compile_s, ts)
-  if args.mode in ("both", "train"):
-    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-    t = time.perf_counter()
-    state = jax.block_until_ready(train_step(*state))
-    compile_s = time.perf_counter() - t
-    results["train step (Adam)"] = (compile_s, timed(train_step, state, args.warmup,
-                                                     args.repeats))
-  for name, (compile_s, ts) in results.items():
-    med = statistics.median(ts)
-    print(f"{name:18s} {b / med:8.1f} img/s  median {med * 1e3:8.1f} ms/batch  "
-          f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}; first call incl. compile "
-          f"{compile_s:.1f} s)")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  "
+        f"cpu_compiler_options={layers.cpu_compiler_options()}")
+  print(f"model {args.model}  image {args.image_size}x{args.image_size}  batch {args.batch_size}  "
+        f"dtype {args.dtype}  median of {args.repeats} interleaved calls after {args.warmup} "
+        f"warm-up calls")
+  print(f"load average before: {loadavg()}")
+  progs = Programs(args.model, args.batch_size, args.image_size, args.num_classes, args.dtype)
+  for kind in kinds:
+    entries = {}
+    for v in variants[kind]:
+      t = time.perf_counter()
+      entries[v] = progs.compile(kind, *v.split(":"))
+      print(f"  compiled {kind} {v} in {time.perf_counter() - t:.1f} s", flush=True)
+    res = run_interleaved(entries, args.warmup, args.repeats)
+    ref = statistics.median(res[variants[kind][-1]][0])
+    label = {"train": "train step (Adam)", "eval": "eval forward", "latency": "batch-1 forward"}
+    for v in variants[kind]:
+      walls, cpus, n = res[v]
+      med = statistics.median(walls)
+      rate = (f"{med * 1e3:8.1f} ms" if kind == "latency" else f"{n / med:8.1f} img/s")
+      print(f"{label[kind]:18s} {v:12s} {rate}  median {med * 1e3:8.1f} ms/call (min "
+            f"{min(walls) * 1e3:.1f})  cpu {statistics.median(cpus):6.2f} s/call  "
+            f"speed vs {variants[kind][-1]}: {ref / med:5.2f}x", flush=True)
   print(f"load average after: {loadavg()}")
 
 
