@@ -245,7 +245,9 @@ def _cpu_model() -> str:
 
 
 class Worker:
-  def __init__(self, name, a):
+  """One system in its own process. `label` names the row; `extra_env` is added to its env."""
+
+  def __init__(self, name, a, label=None, extra_env=None):
     py = a.larq_python if name in ("larq", "lce") else sys.executable
     if not os.path.exists(py):
       raise FileNotFoundError(f"{name}: interpreter {py} not found (make larq-env, or --skip-{name})")
@@ -253,11 +255,11 @@ class Worker:
            "--batch-size", str(a.batch_size), "--image-size", str(a.image_size),
            "--num-classes", str(a.num_classes), "--warmup", str(a.warmup),
            "--ops", ",".join(a.ops)]
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     if name in ("larq", "lce"):
       env["TF_USE_LEGACY_KERAS"] = "1"
-    self.name = name
-    self.log = open(os.path.join(a.log_dir, f"bench_peers_{name}.log"), "w")
+    self.name = label or name
+    self.log = open(os.path.join(a.log_dir, f"bench_peers_{len(extra_env or {})}_{name}.log"), "w")
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=self.log, text=True, env=env, cwd=ROOT)
     self.ops = [op for op in a.ops if op in SUPPORTED[name]]
@@ -300,11 +302,15 @@ def controller(a) -> None:
   print(f"load average before setup: {_loadavg()}", flush=True)
   workers = []
   try:
-    for n in names:  # one at a time: compiling in parallel would only slow every setup down
-      w = Worker(n, a)
+    specs = [(n, None, None) for n in names]
+    if a.jax_env:
+      extra = dict(kv.split("=", 1) for kv in a.jax_env)
+      specs.insert(1, ("jax", "jax " + " ".join(a.jax_env), extra))
+    for n, label, extra in specs:  # one at a time: parallel compiles would slow every setup
+      w = Worker(n, a, label, extra)
       w.wait_ready()
       workers.append(w)
-      print(f"  {n:6s} ready in {w.setup_s:5.1f} s: {w.info}", flush=True)
+      print(f"  {w.name:6s} ready in {w.setup_s:5.1f} s: {w.info}", flush=True)
     print(f"load average before timing: {_loadavg()}", flush=True)
     times = {(w.name, op): [] for w in workers for op in w.ops}
     cpus = {k: [] for k in times}
@@ -370,9 +376,14 @@ def main(argv=None) -> None:
   ap.add_argument("--log-dir", default="/tmp", help="where workers' stderr goes")
   for s in SYSTEMS:
     ap.add_argument(f"--skip-{s}", action="store_true")
+  ap.add_argument("--jax-env", action="append", default=[], metavar="KEY=VALUE",
+                  help="also run a second jax worker with this environment variable (repeatable),"
+                       "\ne.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
   ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
   a.ops = [op.strip() for op in a.ops.split(",") if op.strip()]
+  if any("=" not in kv for kv in a.jax_env):
+    ap.error("--jax-env takes KEY=VALUE")
   bad = [op for op in a.ops if op not in OPS]
   if bad or not a.ops:
     ap.error(f"--ops must be a subset of {OPS}, got {bad or a.ops}")
