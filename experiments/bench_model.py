@@ -7,8 +7,10 @@ medians of `--repeats` calls. Several variants are compiled in the same process 
 interleaved (A, B, A, B, ...), so load from other processes hits them alike; the ratio column
 compares each variant with the last one. Variants are `PATHS:OPTIONS`:
 
-  PATHS    lib  the library as shipped (CPU fast paths: int8 binary-conv forward, sliced max-pool)
-           ref  the same model traced with `layers.cpu_fast_paths(False)` (plain lax ops)
+  PATHS    lib   the library as shipped (CPU fast paths: int8 binary-conv forward where it pays)
+           ref   the same model traced with `layers.cpu_fast_paths(False)` (plain lax ops)
+           pool  what-if: lib with the stem's `nn.max_pool` swapped for `layers.max_pool` (the
+                 one-line change proposed for models/bireal.py; patched only while tracing here)
   OPTIONS  default  XLA's default compiler options
            cpu      `layers.cpu_compiler_options()` (Eigen instead of YNNPACK convolutions)
 
@@ -20,6 +22,7 @@ Load averages are printed before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -27,6 +30,7 @@ import statistics
 import time
 
 import flax
+import flax.linen
 import jax
 import jaxlib
 import jax.numpy as jnp
@@ -34,8 +38,9 @@ import numpy as np
 import optax
 
 from bireal_jax import layers, models
+from bireal_jax.models import bireal
 
-DEFAULT_VARIANTS = {"train": "lib:cpu,lib:default,ref:default",
+DEFAULT_VARIANTS = {"train": "lib:cpu,pool:cpu,lib:default,ref:default",
                     "eval": "lib:default,lib:cpu,ref:default",
                     "latency": "lib:default,ref:default"}
 
@@ -76,6 +81,33 @@ def compiler_options(name: str) -> dict:
   raise ValueError(f"unknown compiler options {name!r}; expected 'default' or 'cpu'")
 
 
+PATHS = ("lib", "ref", "pool")
+
+
+class _NNWithSlicedMaxPool:
+  """`flax.linen` with `max_pool` replaced by `layers.max_pool` (same values and gradients)."""
+
+  def __getattr__(self, name):
+    return getattr(flax.linen, name)
+
+  @staticmethod
+  def max_pool(x, window_shape, strides=None, padding="VALID"):
+    return layers.max_pool(x, window_shape, strides or (1, 1), padding)
+
+
+@contextlib.contextmanager
+def _stem_max_pool(swap: bool):
+  if not swap:
+    yield
+    return
+  saved = bireal.nn
+  bireal.nn = _NNWithSlicedMaxPool()
+  try:
+    yield
+  finally:
+    bireal.nn = saved
+
+
 class Programs:
   """Jitted train step, eval forward and batch-1 forward of one model, with their inputs."""
 
@@ -108,8 +140,8 @@ class Programs:
 
     `step(fn, args)` runs one call and returns the args of the next (the train state advances).
     """
-    if paths not in ("lib", "ref"):
-      raise ValueError(f"unknown paths {paths!r}; expected 'lib' or 'ref'")
+    if paths not in PATHS:
+      raise ValueError(f"unknown paths {paths!r}; expected one of {PATHS}")
     if kind == "train":
       fn = lambda *a: self._train_step(*a)  # fresh function object: no trace-cache sharing
       args = (self.variables["params"], self.variables["batch_stats"], self.opt_state,
@@ -124,7 +156,7 @@ class Programs:
       n = images.shape[0]
     else:
       raise ValueError(f"unknown kind {kind!r}")
-    with layers.cpu_fast_paths(paths == "lib"):
+    with layers.cpu_fast_paths(paths != "ref"), _stem_max_pool(paths == "pool"):
       compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options(options))
     return compiled, args, n, step
 
@@ -173,9 +205,10 @@ def main(argv=None) -> None:
   for kind in kinds:
     vs = [v.strip() for v in getattr(args, f"{kind}_variants").split(",") if v.strip()]
     for v in vs:
-      if v.count(":") != 1 or v.split(":")[0] not in ("lib", "ref") or \
+      if v.count(":") != 1 or v.split(":")[0] not in PATHS or \
          v.split(":")[1] not in ("default", "cpu"):
-        ap.error(f"variant {v!r} must be PATHS:OPTIONS with PATHS lib|ref, OPTIONS default|cpu")
+        ap.error(f"variant {v!r} must be PATHS:OPTIONS with PATHS {'|'.join(PATHS)}, "
+                 f"OPTIONS default|cpu")
     variants[kind] = vs
 
   print(f"jax {jax.__version__}  jaxlib {jaxlib.__version__}  flax {flax.__version__}  optax {optax.__version__}  python {platform.python_version()}")
