@@ -48,7 +48,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.cache = False
   c.shuffle_buffer_size = 16_384
   c.augment = "crop_flip"
-  c.prefetch = 2  # host batches prepared ahead (tf.data) and batches kept ahead on the devices
+  c.prefetch = 2  # batches tf.data prepares ahead (-1: AUTOTUNE), and kept ahead on devices
 
   # Model: bireal_jax.models.get(model, **overrides). None = the named model's own default.
   c.model = "bireal18"
@@ -139,7 +139,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: Optional[int] =
     _choice(c, "augment", AUGMENTS)
   _positive(c, "image_size")
   _positive(c, "shuffle_buffer_size")
-  _positive(c, "prefetch", allow_zero=True)
+  if not isinstance(c.prefetch, int) or c.prefetch < -1:
+    _fail("prefetch", c.prefetch, "an integer >= -1 (-1: tf.data AUTOTUNE)")
   if c.model not in models.names():
     _fail("model", c.model, f"one of {models.names()}")
   if c.stage_sizes is not None and (

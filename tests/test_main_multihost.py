@@ -1,0 +1,47 @@
+"""Several hosts through `jax.distributed`: 2 processes × 4 CPU devices on localhost (a
+coordinator on a free port) against 1 process × 8 devices, for pmap and shard_map. Slow
+(three training processes per case); a file of its own so that pytest-xdist runs it beside
+test_main.py.
+"""
+import socket
+
+import pytest
+
+from test_main import assert_trees, exported, run_cli, saved_steps, start_cli, TINY
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
+def test_slow_two_processes_match_one_process(tmp_path, mapping):
+  # Synthetic data: its global batch is the same for any process count (Fashion-MNIST shards
+  # per process, so 2 processes see other batches than 1 by design).
+  args = ["--config=configs/fashion_mnist.py", *TINY, "--config.dataset=synthetic",
+          "--config.num_train_steps=6", "--config.checkpoint_every_steps=3",
+          f"--config.mapping={mapping}"]
+  one = str(tmp_path / "one")
+  r = run_cli(*args, f"--workdir={one}", devices=8)
+  assert r.returncode == 0, r.stderr[-3000:]
+  two = str(tmp_path / "two")
+  port = free_port()
+  procs = []
+  for pid in range(2):
+    log = open(tmp_path / f"p{pid}.txt", "w")
+    procs.append((start_cli(*args, f"--workdir={two}", "--config.distributed=on",
+                            f"--config.coordinator_address=127.0.0.1:{port}",
+                            "--config.num_processes=2", f"--config.process_id={pid}",
+                            devices=4, log=log), log))
+  for pid, (p, log) in enumerate(procs):
+    rc = p.wait(600)
+    log.close()
+    assert rc == 0, (tmp_path / f"p{pid}.txt").read_text()[-3000:]
+  out0 = (tmp_path / "p0.txt").read_text()
+  assert "8 device(s) in 2 process(es)" in out0
+  assert saved_steps(two) == [3, 6]
+  assert_trees(exported(two), exported(one), exact=False)
+  top1 = lambda text: text.split("Final evaluation")[1].split("top-1 ")[1].split("%")[0]
+  assert top1(out0) == top1(r.stdout)
