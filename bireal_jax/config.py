@@ -98,6 +98,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.init_from = config_dict.placeholder(str)  # workdir (or checkpoint dir) of the clip run
   c.bn_reestimate_steps = 0  # train-mode passes with ±1 weights updating only BN statistics
 
+  # Knowledge distillation (bireal_jax/train.py: distillation_loss): a trained teacher run's
+  # soft labels. Loss = (1 - w)·CE(smoothed labels) + w·T²·KL(teacher_T ‖ student_T).
+  c.distill_from = config_dict.placeholder(str)  # teacher workdir (e.g. the real clip twin)
+  c.distill_weight = 1.0  # w in [0, 1]; 1: soft labels only (ReActNet's distributional loss)
+  c.distill_temperature = 1.0  # T > 0
+
   # Checkpoints and logging.
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
@@ -198,6 +204,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: Optional[int] =
     if c.process_id is None or not 0 <= c.process_id < c.num_processes:
       _fail("process_id", c.process_id, f"an integer in [0, {c.num_processes})")
   _positive(c, "bn_reestimate_steps", allow_zero=True)
+  if c.distill_from is not None:
+    if not isinstance(c.distill_from, str) or not c.distill_from:
+      _fail("distill_from", c.distill_from, "None or the workdir of a finished teacher run")
+    if not 0.0 <= c.distill_weight <= 1.0:
+      _fail("distill_weight", c.distill_weight, "a weight in [0, 1]")
+    _positive(c, "distill_temperature", float)
   _positive(c, "checkpoint_every_steps")
   _positive(c, "keep_checkpoints")
   _positive(c, "log_every_steps")

@@ -92,20 +92,39 @@ def metric_sums(logits, labels, loss_per_example, mask):
           "count": jnp.sum(mask)}
 
 
-def train_step(state: TrainState, batch, *, learning_rate_fn, label_smoothing: float,
-               grad_accum_steps: int):
+def distillation_loss(student_logits, teacher_logits, temperature: float):
+  """Hinton et al.'s soft-label term per example: T² · KL(softmax(t/T) ‖ softmax(s/T)).
+
+  The T² factor keeps its gradient scale independent of T. The teacher is a constant here.
+  """
+  t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
+  s = student_logits.astype(jnp.float32) / temperature
+  kl = optax.kl_divergence(jax.nn.log_softmax(s), jax.nn.softmax(t))
+  return temperature ** 2 * kl
+
+
+def train_step(state: TrainState, batch, teacher_variables=None, *, learning_rate_fn,
+               label_smoothing: float, grad_accum_steps: int, teacher_apply=None,
+               distill_weight: float = 0.0, distill_temperature: float = 1.0):
   """One optimizer update from this device's share of the global batch.
 
   The share is split into `grad_accum_steps` micro-batches whose gradients are summed (BN
   statistics update after each micro-batch, as in successive forward passes). Gradients and
   metrics are averaged over all devices with `pmean`/`psum`; the model's BatchNorm averages
   its batch statistics over `AXIS` itself, so every replica holds identical state.
+
+  With a teacher (`teacher_apply`, `teacher_variables`), the loss per example is
+  (1 - w)·CE(smoothed labels) + w·`distillation_loss` with the teacher's eval-mode logits.
   """
   def loss_fn(params, batch_stats, images, labels):
     logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats}, images,
                                      train=True, mutable=["batch_stats"])
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     per_example = optax.softmax_cross_entropy(logits, targets)
+    if teacher_apply is not None:
+      teacher_logits = teacher_apply(teacher_variables, images, train=False)
+      per_example = ((1.0 - distill_weight) * per_example + distill_weight *
+                     distillation_loss(logits, teacher_logits, distill_temperature))
     return per_example.mean(), (logits, per_example, updates["batch_stats"])
 
   def micro_step(carry, micro):
@@ -503,11 +522,20 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
   pstate = mapping.put_replicated(state)
   del state
 
-  p_train_step = mapping.map(
-      functools.partial(train_step, learning_rate_fn=s.lr_fn,
-                        label_smoothing=config.label_smoothing,
-                        grad_accum_steps=config.grad_accum_steps),
-      batched=(False, True), donate=(0,))
+  step_fn = functools.partial(train_step, learning_rate_fn=s.lr_fn,
+                              label_smoothing=config.label_smoothing,
+                              grad_accum_steps=config.grad_accum_steps)
+  teacher = None
+  if config.distill_from:
+    teacher_model, teacher_vars = load_teacher(config.distill_from, s.identity)
+    teacher = mapping.put_replicated(teacher_vars)
+    step_fn = functools.partial(step_fn, teacher_apply=teacher_model.apply,
+                                distill_weight=config.distill_weight,
+                                distill_temperature=config.distill_temperature)
+    _say(f"Distilling from {config.distill_from} ({teacher_model.activation} / "
+         f"{teacher_model.kernel_quantizer} teacher), weight {config.distill_weight}, "
+         f"temperature {config.distill_temperature}")
+  p_train_step = mapping.map(step_fn, batched=(False, True, False), donate=(0,))
   p_eval_step = mapping.map(eval_step, batched=(False, True))
 
   pc, pi = jax.process_count(), jax.process_index()
@@ -568,7 +596,7 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
     with _Preemption(single_process=pc == 1) as preemption:
       while step < s.total_steps:
         batch = next(train_iter)
-        pstate, metrics = p_train_step(pstate, batch)
+        pstate, metrics = p_train_step(pstate, batch, teacher)
         step += 1
         pending.append((step, metrics))
         if bar is not None:
@@ -646,6 +674,36 @@ def init_from_checkpoint(state: TrainState, path: str, mapping: Mapping) -> Trai
   directory = checkpoint.find_checkpoint_dir(path)
   restored, _ = checkpoint.restore_subtrees(directory, abstract)
   return state.replace(params=restored["params"], batch_stats=restored["batch_stats"])
+
+
+def load_teacher(path: str, student_identity: dict):
+  """Knowledge distillation: the teacher model and its variables from a finished run's workdir.
+
+  The teacher is rebuilt from the model description its run stored in `config.json`; it must
+  see the same dataset, image shape and classes as the student.
+  """
+  cfg_path = os.path.join(path, checkpoint.CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise checkpoint.CheckpointError(
+        f"config.distill_from={path!r}: expected the workdir of a training run (with "
+        f"{checkpoint.CONFIG_FILE} and {checkpoint.CHECKPOINT_DIR}/), found no {cfg_path}")
+  with open(cfg_path) as f:
+    identity = json.load(f)["identity"]
+  for k in ("dataset", "image_shape", "num_classes"):
+    if identity[k] != student_identity[k]:
+      raise checkpoint.CheckpointError(
+          f"config.distill_from={path!r}: the teacher was trained with {k}={identity[k]!r}, "
+          f"the student uses {k}={student_identity[k]!r}")
+  teacher = models.from_config({**identity["model"], "axis_name": None})
+  abstract = jax.eval_shape(
+      lambda: teacher.init(jax.random.key(0), jnp.zeros((1, *identity["image_shape"]),
+                                                          jnp.float32), train=False))
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # every process reads it all
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+                          dict(abstract))
+  variables, _ = checkpoint.restore_subtrees(
+      os.path.join(path, checkpoint.CHECKPOINT_DIR), abstract)
+  return teacher, jax.tree.map(np.asarray, variables)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, data=None,

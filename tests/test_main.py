@@ -132,7 +132,8 @@ def load_config_file(name):
 
 def test_config_files_validate_and_match_the_published_recipes():
   names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
-  assert {"fashion_mnist", "fashion_mnist_real", "fashion_mnist_long", "imagenet_bireal18",
+  assert {"fashion_mnist", "fashion_mnist_real", "fashion_mnist_long", "fashion_mnist_kd",
+          "imagenet_bireal18",
           "imagenet_bireal34", "imagenet_bireal50", "imagenet_bireal18_real_clip",
           "imagenet_bireal18_twostep"} <= set(names)
   configs = {n: load_config_file(n) for n in names}
@@ -156,6 +157,11 @@ def test_config_files_validate_and_match_the_published_recipes():
   assert real.model == "bireal18_real" and demo.model == "bireal18"
   assert {k: v for k, v in real.items() if k != "model"} == \
       {k: v for k, v in demo.items() if k != "model"}  # twins: same tree, same recipe
+  kd = configs["fashion_mnist_kd"]  # the demo student, initialised and taught by the twin
+  taught = ("init_from", "distill_from", "distill_weight", "distill_temperature")
+  assert kd.init_from == kd.distill_from == "runs/fm_real" and kd.distill_weight > 0
+  assert {k: v for k, v in kd.items() if k not in taught} == \
+      {k: v for k, v in demo.items() if k not in taught}
 
 
 def test_cli_refuses_bad_config_before_any_work(tmp_path):
