@@ -12,11 +12,15 @@ at least three seeds, and its result is saved as JSON and reused when present:
 
 Arms that are the same run (e.g. the from-scratch Bi-Real baseline appears in four studies) are
 trained once: results are keyed by their configuration, not by study. `--plot` only redraws
-plots and `experiments/results/ablations/summary.json` from saved results.
+plots and `experiments/results/ablations/summary.json` from saved results. Several processes
+may run at once (e.g. one with `--reverse`): each run is claimed with a file lock, and a
+process that finds a run done by another reads its result instead of training it again.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -33,7 +37,7 @@ CLIP_TWIN = dict(activation="hardtanh", kernel_quantizer="none")
 RELU_TWIN = dict(activation="relu", kernel_quantizer="none")
 BASE = dict(activation="approx_sign", kernel_quantizer="magnitude_aware", shortcut="bireal")
 
-# study -> [(arm label, overrides, teacher/init arm label or None)]
+# study -> [(arm label, overrides, init twin label or None[, distillation teacher twin label])]
 STUDIES = {
     "capacity": [
         ("Bi-Real shortcut (every conv)", dict(BASE), None),
@@ -58,8 +62,10 @@ STUDIES = {
     "recipe": [
         ("real clip twin", dict(CLIP_TWIN), None),
         ("Bi-Real full recipe (clip init)", dict(BASE), "real clip twin"),
-        # Knowledge distillation from the clip twin (issue 5.5) needs a distillation loss in
-        # bireal_jax.train, which does not exist yet: the arm is added with it.
+        # + knowledge distillation: the clip twin's soft labels (configs/fashion_mnist_kd.py).
+        ("full recipe + KD from clip twin",
+         dict(BASE, distill_weight=1.0, distill_temperature=1.0), "real clip twin",
+         "real clip twin"),
     ],
 }
 TWINS = {"real clip twin": dict(CLIP_TWIN), "real ReLU twin": dict(RELU_TWIN)}
@@ -90,32 +96,59 @@ def budget_config(args, overrides: dict, seed: int):
   return c
 
 
-def run_key(overrides: dict, init: str | None, seed: int, args) -> str:
-  blob = json.dumps(dict(overrides=overrides, init=init, seed=seed, width=args.width,
-                         epochs=args.epochs, batch=args.batch_size, lr=args.lr), sort_keys=True)
+def run_key(overrides: dict, init: str | None, seed: int, args, teacher: str | None = None) -> str:
+  what = dict(overrides=overrides, init=init, seed=seed, width=args.width, epochs=args.epochs,
+              batch=args.batch_size, lr=args.lr)
+  if teacher is not None:
+    what["teacher"] = teacher
+  blob = json.dumps(what, sort_keys=True)
   return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def run_arm(args, label: str, overrides: dict, init: str | None, seed: int) -> dict:
+@contextlib.contextmanager
+def claimed(key: str):
+  """Exclusive lock on one run, so that concurrent ablation processes never train it twice."""
+  os.makedirs(os.path.join(OUT, "runs"), exist_ok=True)
+  with open(os.path.join(OUT, "runs", f"{key}.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_arm(args, label: str, overrides: dict, init: str | None, seed: int,
+            teacher: str | None = None) -> dict:
   """Train one arm/seed (or reuse its saved JSON); returns the result record."""
-  key = run_key(overrides, init, seed, args)
+  key = run_key(overrides, init, seed, args, teacher)
   path = os.path.join(OUT, "runs", f"{key}.json")
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  init_dir = None
-  if init is not None:  # the twin this arm starts from, trained first (same seed)
-    twin = run_arm(args, init, TWINS[init], None, seed)
-    init_dir = twin["workdir"]
+  # The twins this arm starts from / learns from, trained first (same seed).
+  init_dir = run_arm(args, init, TWINS[init], None, seed)["workdir"] if init else None
+  teacher_dir = run_arm(args, teacher, TWINS[teacher], None, seed)["workdir"] if teacher else None
+  with claimed(key):
+    if os.path.exists(path):  # another process finished it while we waited
+      with open(path) as f:
+        return json.load(f)
+    return _train_arm(args, label, overrides, init, seed, teacher, key, path, init_dir,
+                      teacher_dir)
+
+
+def _train_arm(args, label, overrides, init, seed, teacher, key, path, init_dir, teacher_dir):
   from bireal_jax import train
   c = budget_config(args, overrides, seed)
   if init_dir is not None:
     c.init_from = init_dir
+  if teacher_dir is not None:
+    c.distill_from = teacher_dir
   workdir = os.path.join(OUT, "workdirs", key)
   print(f"=== {label} (seed {seed}) -> {workdir}", flush=True)
   t0 = time.time()
   ev = train.train_and_evaluate(c, workdir)
-  rec = dict(label=label, overrides=overrides, init=init, seed=seed, key=key, workdir=workdir,
+  rec = dict(label=label, overrides=overrides, init=init, teacher=teacher, seed=seed, key=key,
+             workdir=workdir,
              top1=float(ev["top1"]), top5=float(ev["top5"]), loss=float(ev["loss"]),
              steps=int(ev["step"]), seconds=time.time() - t0,
              budget=dict(width=args.width, epochs=args.epochs, batch=args.batch_size, lr=args.lr))
@@ -186,32 +219,38 @@ def main(argv=None):
   p.add_argument("--study", default="all", choices=["all", *STUDIES])
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--width", type=int, default=8, help="base width of every arm")
-  p.add_argument("--epochs", type=float, default=2.0, help="epochs of every arm (and twin)")
+  p.add_argument("--epochs", type=float, default=1.0, help="epochs of every arm (and twin)")
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--plot", action="store_true", help="only redraw from saved results")
   p.add_argument("--out", default=OUT, help="results folder (JSON, workdirs, plots)")
+  p.add_argument("--reverse", action="store_true",
+                 help="take the runs in reverse order (for a second concurrent process)")
   args = p.parse_args(argv)
   set_out(args.out)
   if args.seeds < 1:
     p.error(f"--seeds must be ≥ 1, got {args.seeds}")
   studies = list(STUDIES) if args.study == "all" else [args.study]
+  jobs = [(study, arm, seed) for study in studies for arm in STUDIES[study]
+          for seed in range(args.seeds)]
+  done = {}
+  for study, arm, seed in (reversed(jobs) if args.reverse else jobs):
+    label, overrides, init, teacher = (*arm, None)[:4]
+    if args.plot:
+      path = os.path.join(OUT, "runs", f"{run_key(overrides, init, seed, args, teacher)}.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          done[study, label, seed] = json.load(f)
+    else:
+      done[study, label, seed] = run_arm(args, label, overrides, init, seed, teacher)
   results = {}
   for study in studies:
     results[study] = []
-    for label, overrides, init in STUDIES[study]:
-      recs = []
-      for seed in range(args.seeds):
-        if args.plot:
-          path = os.path.join(OUT, "runs", f"{run_key(overrides, init, seed, args)}.json")
-          if not os.path.exists(path):
-            continue
-          with open(path) as f:
-            recs.append(json.load(f))
-        else:
-          recs.append(run_arm(args, label, overrides, init, seed))
+    for arm in STUDIES[study]:
+      recs = [done[study, arm[0], seed] for seed in range(args.seeds)
+              if (study, arm[0], seed) in done]
       if recs:
-        results[study].append((label, recs))
+        results[study].append((arm[0], recs))
   table = summarize(results)
   os.makedirs(OUT, exist_ok=True)
   with open(os.path.join(OUT, f"summary_{args.study}.json"), "w") as f:
