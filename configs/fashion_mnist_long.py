@@ -26,7 +26,7 @@ def get_config():
   c.init_from = "runs/fm_real"
   c.augment = "crop_flip"
   c.learning_rate = 1e-3  # starting from a trained twin: half the from-scratch rate
-  c.num_epochs = 30.0
+  c.num_epochs = 20.0
   c.eval_every_epochs = 5.0
   c.bn_reestimate_steps = 100
   return c
