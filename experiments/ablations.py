@@ -151,7 +151,8 @@ def _train_arm(args, label, overrides, init, seed, teacher, key, path, init_dir,
              workdir=workdir,
              top1=float(ev["top1"]), top5=float(ev["top5"]), loss=float(ev["loss"]),
              steps=int(ev["step"]), seconds=time.time() - t0,
-             budget=dict(width=args.width, epochs=args.epochs, batch=args.batch_size, lr=args.lr))
+             budget=dict(width=args.width, epochs=args.epochs, batch=args.batch_size, lr=args.lr),
+             curves=dict(zip(("steps", "loss", "eval_steps", "top1"), curves(workdir))))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     json.dump(rec, f, indent=1)
@@ -191,7 +192,8 @@ def plot(results: dict[str, list[dict]], table: dict):
   for study, arms in results.items():
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, recs in arms:
-      s, l, e, t = curves(recs[0]["workdir"])
+      # Curves are stored in the run's JSON (the workdirs are not committed).
+      s, l, e, t = (recs[0]["curves"][k] for k in ("steps", "loss", "eval_steps", "top1"))
       ax1.plot(s, l, label=label)
       ax2.plot(e, [100 * v if v <= 1 else v for v in t], marker="o", label=label)
     ax1.set(xlabel="step", ylabel="train loss", title=f"{study}: training loss (seed 0)")
