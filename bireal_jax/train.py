@@ -31,7 +31,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bireal_jax import checkpoint, models, optim
+from bireal_jax import checkpoint, layers, models, optim
 from bireal_jax import config as config_lib
 
 AXIS = "batch"
@@ -198,20 +198,25 @@ class Mapping:
     self.sharded = NamedSharding(self.mesh, P(AXIS))
     self._local_mesh = Mesh(np.array(self.local_devices), (AXIS,))
 
-  def map(self, fn: Callable, batched: tuple[bool, ...], donate: tuple[int, ...] = ()):
+  def map(self, fn: Callable, batched: tuple[bool, ...], donate: tuple[int, ...] = (),
+          compiler_options: Optional[dict] = None):
     """Map `fn`; `batched[i]` says whether argument i is split over devices or replicated.
 
     Outputs are replicated (every per-device function here ends in a collective).
+    `compiler_options` are XLA options for this function only (e.g.
+    `layers.cpu_compiler_options()` for the train step).
     """
     if self.kind == "pmap":
       # All devices of all processes: pmap's collectives then span every host.
-      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate, devices=self.devices)
+      mapped = jax.pmap(fn, axis_name=AXIS, donate_argnums=donate, devices=self.devices)
+      return _CompiledWith(mapped, compiler_options) if compiler_options else mapped
     in_specs = tuple(P(AXIS) if b else P() for b in batched)
     # check_vma=False gives pmap's semantics: a gradient w.r.t. replicated params stays
     # per-device (with the checker on, JAX would psum it implicitly and the step's own pmean
     # would then average a sum), so the one step function means the same under both mappings.
     return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=P(),
-                                 check_vma=False), donate_argnums=donate)
+                                 check_vma=False), donate_argnums=donate,
+                   compiler_options=compiler_options or None)
 
   def put_replicated(self, tree):
     """Host (or global replicated) values → the mapped functions' replicated layout."""
@@ -259,6 +264,24 @@ class Mapping:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype,
                                        sharding=self.replicated), tree)
+
+
+class _CompiledWith:
+  """A pmapped function compiled ahead of time with XLA `options` (`jax.pmap` takes none).
+
+  One executable per distinct argument signature (tree structure, shapes, dtypes), as jit's
+  own cache would keep.
+  """
+
+  def __init__(self, mapped: Callable, options: dict):
+    self._mapped, self._options, self._cache = mapped, dict(options), {}
+
+  def __call__(self, *args):
+    leaves, tree = jax.tree.flatten(args)
+    key = (tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+    if key not in self._cache:
+      self._cache[key] = self._mapped.lower(*args).compile(compiler_options=self._options)
+    return self._cache[key](*args)
 
 
 def _local_value(x):
@@ -535,7 +558,9 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
     _say(f"Distilling from {config.distill_from} ({teacher_model.activation} / "
          f"{teacher_model.kernel_quantizer} teacher), weight {config.distill_weight}, "
          f"temperature {config.distill_temperature}")
-  p_train_step = mapping.map(step_fn, batched=(False, True, False), donate=(0,))
+  # XLA options that speed up the float-emulated backward pass (CPU only; {} elsewhere).
+  p_train_step = mapping.map(step_fn, batched=(False, True, False), donate=(0,),
+                             compiler_options=layers.cpu_compiler_options())
   p_eval_step = mapping.map(eval_step, batched=(False, True))
 
   pc, pi = jax.process_count(), jax.process_index()

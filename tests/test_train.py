@@ -290,3 +290,28 @@ def test_bfloat16_compute_trains_with_float32_parameters():
   f32, l32 = run_steps(tiny_config(), train.Mapping("pmap", devices=jax.devices()[:1]),
                        synthetic_batches(c, 1))
   assert abs(losses[0] - l32[0]) < 0.05  # same model and data, bf16 rounding only
+
+
+@needs_8
+@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
+def test_train_step_with_cpu_compiler_options_matches_and_keeps_one_executable(kind):
+  """The loop compiles its train step with `layers.cpu_compiler_options()` (AOT for pmap)."""
+  from bireal_jax import layers
+  config = tiny_config()
+  batches = synthetic_batches(config, 3)
+  mapping = train.Mapping(kind)
+  step = mapping.map(functools.partial(train.train_step, learning_rate_fn=lr_fn_of(config),
+                                       label_smoothing=config.label_smoothing,
+                                       grad_accum_steps=1),
+                     batched=(False, True), donate=(0,),
+                     compiler_options=layers.cpu_compiler_options())
+  pstate = mapping.put_replicated(new_state(config))
+  losses = []
+  for b in batches:
+    pstate, m = step(pstate, mapping.put_batch(b))
+    losses.append(float(mapping.to_host(m)["loss"]))
+  if kind == "pmap":
+    assert len(step._cache) == 1  # the step's outputs feed the next call without recompiling
+  ref, ref_losses = run_steps(config, train.Mapping(kind), batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+  assert_trees_close(mapping.to_host(pstate).params, ref.params)

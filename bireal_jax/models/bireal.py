@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bireal_jax import layers
 from bireal_jax.layers import (BiRealBlock, BiRealBottleneck, Downsample, QuantizerSpec,
                                torch_default_init)
 
@@ -94,7 +95,8 @@ class BiRealNet(nn.Module):
                   use_bias=False, dtype=self.dtype, kernel_init=torch_default_init,
                   name="conv1")(x)
       x = norm(name="bn1")(x)
-      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME" if same else ((1, 1), (1, 1)))
+      # nn.max_pool's values and gradients; on CPU computed without reduce_window (faster).
+      x = layers.max_pool(x, (3, 3), (2, 2), padding="SAME" if same else ((1, 1), (1, 1)))
     else:
       x = nn.Conv(self.base_width, (3, 3), (1, 1), padding="SAME" if same else [(1, 1), (1, 1)],
                   use_bias=False, dtype=self.dtype, kernel_init=torch_default_init,
