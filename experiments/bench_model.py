@@ -7,10 +7,9 @@ medians of `--repeats` calls. Several variants are compiled in the same process 
 interleaved (A, B, A, B, ...), so load from other processes hits them alike; the ratio column
 compares each variant with the last one. Variants are `PATHS:OPTIONS`:
 
-  PATHS    lib   the library as shipped (CPU fast paths: int8 binary-conv forward where it pays)
+  PATHS    lib   the library as shipped (CPU fast paths: int8 binary-conv forward where it pays,
+                 stem max-pool without reduce_window)
            ref   the same model traced with `layers.cpu_fast_paths(False)` (plain lax ops)
-           pool  what-if: lib with the stem's `nn.max_pool` swapped for `layers.max_pool` (the
-                 one-line change proposed for models/bireal.py; patched only while tracing here)
   OPTIONS  default  XLA's default compiler options
            cpu      `layers.cpu_compiler_options()` (Eigen instead of YNNPACK convolutions)
 
@@ -22,7 +21,6 @@ Load averages are printed before and after.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import resource
@@ -30,7 +28,6 @@ import statistics
 import time
 
 import flax
-import flax.linen
 import jax
 import jaxlib
 import jax.numpy as jnp
@@ -38,9 +35,8 @@ import numpy as np
 import optax
 
 from bireal_jax import layers, models
-from bireal_jax.models import bireal
 
-DEFAULT_VARIANTS = {"train": "lib:cpu,pool:cpu,lib:default,ref:default",
+DEFAULT_VARIANTS = {"train": "lib:cpu,lib:default,ref:default",
                     "eval": "lib:default,lib:cpu,ref:default",
                     "latency": "lib:default,ref:default"}
 
@@ -81,31 +77,7 @@ def compiler_options(name: str) -> dict:
   raise ValueError(f"unknown compiler options {name!r}; expected 'default' or 'cpu'")
 
 
-PATHS = ("lib", "ref", "pool")
-
-
-class _NNWithSlicedMaxPool:
-  """`flax.linen` with `max_pool` replaced by `layers.max_pool` (same values and gradients)."""
-
-  def __getattr__(self, name):
-    return getattr(flax.linen, name)
-
-  @staticmethod
-  def max_pool(x, window_shape, strides=None, padding="VALID"):
-    return layers.max_pool(x, window_shape, strides or (1, 1), padding)
-
-
-@contextlib.contextmanager
-def _stem_max_pool(swap: bool):
-  if not swap:
-    yield
-    return
-  saved = bireal.nn
-  bireal.nn = _NNWithSlicedMaxPool()
-  try:
-    yield
-  finally:
-    bireal.nn = saved
+PATHS = ("lib", "ref")
 
 
 class Programs:
@@ -156,7 +128,7 @@ class Programs:
       n = images.shape[0]
     else:
       raise ValueError(f"unknown kind {kind!r}")
-    with layers.cpu_fast_paths(paths != "ref"), _stem_max_pool(paths == "pool"):
+    with layers.cpu_fast_paths(paths != "ref"):
       compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options(options))
     return compiled, args, n, step
 
