@@ -8,6 +8,7 @@ before any work: an unknown key is refused by the locked `ConfigDict`, an imposs
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import ml_collections
@@ -113,6 +114,22 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.export_inference = True  # write workdir/inference (float params + BN stats + model JSON)
   return c
+
+
+def from_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file at `path` (recipes that build on another recipe's file).
+
+  Config files are plain Python outside the package, so they load each other by path:
+  `from_file(os.path.join(os.path.dirname(__file__), "fashion_mnist.py"))`.
+  """
+  import importlib.util
+  name = "bireal_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found: expected a Python file with get_config()")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _fail(key: str, value, expected: str):

@@ -9,16 +9,14 @@ crop+flip augmentation. Train configs/fashion_mnist_real.py first:
   python -m bireal_jax.main --config=configs/fashion_mnist_long.py --workdir=runs/fm_long \\
       --config.init_from=runs/fm_real
 """
-import importlib.util
 import os
+
+from bireal_jax import config as config_lib
 
 
 def _demo_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist.py")
-  spec = importlib.util.spec_from_file_location("fashion_mnist_demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "fashion_mnist.py"))
 
 
 def get_config():

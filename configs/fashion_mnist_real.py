@@ -5,16 +5,14 @@ place of sign and real-valued kernels (model "bireal18_real": identical paramete
 checkpoint can initialise the binary net (configs/fashion_mnist_long.py). Everything else is
 the demo's recipe, read from fashion_mnist.py so that the two stay twins.
 """
-import importlib.util
 import os
+
+from bireal_jax import config as config_lib
 
 
 def _demo_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist.py")
-  spec = importlib.util.spec_from_file_location("fashion_mnist_demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "fashion_mnist.py"))
 
 
 def get_config():

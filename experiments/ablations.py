@@ -78,9 +78,8 @@ def set_out(path: str):
 
 def budget_config(args, overrides: dict, seed: int):
   """The shared budget: configs/fashion_mnist.py scaled by the command-line budget flags."""
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import fashion_mnist  # noqa: E402  (configs/ are plain Python files)
-  c = fashion_mnist.get_config()
+  from bireal_jax import config as config_lib
+  c = config_lib.from_file(os.path.join(ROOT, "configs", "fashion_mnist.py"))
   c.base_width = args.width
   c.num_epochs = args.epochs
   c.batch_size = args.batch_size

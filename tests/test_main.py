@@ -123,11 +123,7 @@ def test_validate_names_key_value_and_expectation():
 
 
 def load_config_file(name):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.from_file(os.path.join(REPO, "configs", name + ".py"))
 
 
 def test_config_files_validate_and_match_the_published_recipes():
@@ -239,3 +235,8 @@ def test_slow_sigkill_then_sigterm_then_resume_equals_uninterrupted_run(tmp_path
   assert r.returncode == 1
   assert "image_shape: workdir has [8, 8, 1], config has [12, 12, 1]" in r.stderr
   assert saved_steps(run) == before
+
+
+def test_config_from_file_names_a_missing_file(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="nope.py.*get_config"):
+    config_lib.from_file(str(tmp_path / "nope.py"))
