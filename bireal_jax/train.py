@@ -209,7 +209,11 @@ class Mapping:
     if self.kind == "pmap":
       # All devices of all processes: pmap's collectives then span every host.
       mapped = jax.pmap(fn, axis_name=AXIS, donate_argnums=donate, devices=self.devices)
-      return _CompiledWith(mapped, compiler_options) if compiler_options else mapped
+      # AOT lowering of a multi-process pmap takes global shapes while calls pass local ones,
+      # so there the options are skipped (set them through XLA_FLAGS instead).
+      if compiler_options and jax.process_count() == 1:
+        return _CompiledWith(mapped, compiler_options)
+      return mapped
     in_specs = tuple(P(AXIS) if b else P() for b in batched)
     # check_vma=False gives pmap's semantics: a gradient w.r.t. replicated params stays
     # per-device (with the checker on, JAX would psum it implicitly and the step's own pmean
