@@ -2,9 +2,9 @@
 
 Source: the demo's recipe (configs/fashion_mnist.py: official PyTorch recipe, Adam, linear
 decay, label smoothing 0.1) with base width 32 instead of 16: about 4x the binary operations.
-On this net the longer two-step recipe with crop+flip (configs/fashion_mnist_long.py) did not
-beat the demo (92.55 vs 92.80 %): the width-16 binary net underfits, so extra capacity is the
-lever, not regularisation.
+The longer two-step recipe with crop+flip (configs/fashion_mnist_long.py) did not beat the
+demo (92.55 vs 92.80 %): augmentation made the width-16 net fit worse (train top-1 92.4 vs
+95.3 %), so this recipe adds capacity instead. Measured: 93.22 % test top-1 (README).
 """
 import os
 
