@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import time
 
@@ -35,38 +34,11 @@ import numpy as np
 import optax
 
 from bireal_jax import layers, models
+from machine import cores, cpu_model, cpu_seconds, loadavg
 
 DEFAULT_VARIANTS = {"train": "lib:cpu,lib:default,ref:default",
                     "eval": "lib:default,lib:cpu,ref:default",
                     "latency": "lib:default,ref:default"}
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def loadavg() -> str:
-  try:
-    with open("/proc/loadavg") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "n/a"
-
-
-def cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def cpu_seconds() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
 
 
 def compiler_options(name: str) -> dict:

@@ -24,11 +24,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from machine import cores, cpu_model, cpu_seconds, loadavg  # experiments/machine.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -209,39 +210,15 @@ def worker(a) -> None:
     op = line.strip()
     if op == "quit":
       break
-    t, c = time.perf_counter(), _cpu_seconds()
+    t, c = time.perf_counter(), cpu_seconds()
     call(op)
-    out.write(json.dumps({"op": op, "s": time.perf_counter() - t, "cpu": _cpu_seconds() - c}) + "\n")
+    out.write(json.dumps({"op": op, "s": time.perf_counter() - t, "cpu": cpu_seconds() - c}) + "\n")
     out.flush()
 
 
 # ------------------------------------------------------------------------------------------------
 # Controller
 # ------------------------------------------------------------------------------------------------
-
-
-def _cpu_seconds() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this worker, user + sys
-  return r.ru_utime + r.ru_stime
-
-
-def _loadavg() -> str:
-  try:
-    with open("/proc/loadavg") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "n/a"
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 class Worker:
@@ -293,13 +270,13 @@ def controller(a) -> None:
   names = [s for s in SYSTEMS if not getattr(a, f"skip_{s}")]
   if not names:
     raise SystemExit("every system skipped")
-  print(f"python {platform.python_version()}  cpu {_cpu_model()}  cores "
-        f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
+  print(f"python {platform.python_version()}  cpu {cpu_model()}  cores "
+        f"{cores()}"
         f"  threads per system {a.threads}")
   print(f"Bi-Real-18  image {a.image_size}x{a.image_size}  batch {a.batch_size} (batch 1 for "
         f"latency)  {a.num_classes} classes  median of {a.repeats} interleaved rounds after "
         f"{a.warmup} warm-up calls")
-  print(f"load average before setup: {_loadavg()}", flush=True)
+  print(f"load average before setup: {loadavg()}", flush=True)
   workers = []
   try:
     specs = [(n, None, None) for n in names]
@@ -311,7 +288,7 @@ def controller(a) -> None:
       w.wait_ready()
       workers.append(w)
       print(f"  {w.name:6s} ready in {w.setup_s:5.1f} s: {w.info}", flush=True)
-    print(f"load average before timing: {_loadavg()}", flush=True)
+    print(f"load average before timing: {loadavg()}", flush=True)
     times = {(w.name, op): [] for w in workers for op in w.ops}
     cpus = {k: [] for k in times}
     for r in range(a.repeats):
@@ -325,8 +302,8 @@ def controller(a) -> None:
             wall, cpu = w.time(op)
             times[(w.name, op)].append(wall)
             cpus[(w.name, op)].append(cpu)
-      print(f"  round {r + 1}/{a.repeats} done, load {_loadavg()}", flush=True)
-    load_after = _loadavg()
+      print(f"  round {r + 1}/{a.repeats} done, load {loadavg()}", flush=True)
+    load_after = loadavg()
   finally:
     for w in workers:
       w.close()
