@@ -116,13 +116,15 @@ def get_default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def from_file(path: str) -> ml_collections.ConfigDict:
+def from_file(path: str, relative_to: Optional[str] = None) -> ml_collections.ConfigDict:
   """`get_config()` of the config file at `path` (recipes that build on another recipe's file).
 
-  Config files are plain Python outside the package, so they load each other by path:
-  `from_file(os.path.join(os.path.dirname(__file__), "fashion_mnist.py"))`.
+  Config files are plain Python outside the package, so they load each other by path;
+  `relative_to` resolves `path` beside another file: `from_file("fashion_mnist.py", __file__)`.
   """
   import importlib.util
+  if relative_to is not None:
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
   name = "bireal_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   if spec is None or not os.path.isfile(path):

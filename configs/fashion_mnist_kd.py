@@ -8,18 +8,12 @@ everything else is the demo's recipe. Train the teacher first:
   python -m bireal_jax.main --config=configs/fashion_mnist_real.py --workdir=runs/fm_real
   python -m bireal_jax.main --config=configs/fashion_mnist_kd.py --workdir=runs/fm_kd
 """
-import os
-
 from bireal_jax import config as config_lib
 
 
-def _demo_config():
-  return config_lib.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                           "fashion_mnist.py"))
-
-
 def get_config():
-  c = _demo_config()  # same architecture as the demo and its clip twin
+  # The demo's recipe and architecture (shared with its clip twin), then this recipe's changes.
+  c = config_lib.from_file("fashion_mnist.py", relative_to=__file__)
   c.init_from = "runs/fm_real"
   c.distill_from = "runs/fm_real"
   c.distill_weight = 1.0  # soft labels only (label smoothing then has no effect)

@@ -9,18 +9,12 @@ crop+flip augmentation. Train configs/fashion_mnist_real.py first:
   python -m bireal_jax.main --config=configs/fashion_mnist_long.py --workdir=runs/fm_long \\
       --config.init_from=runs/fm_real
 """
-import os
-
 from bireal_jax import config as config_lib
 
 
-def _demo_config():
-  return config_lib.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                           "fashion_mnist.py"))
-
-
 def get_config():
-  c = _demo_config()  # same architecture as the demo and its clip twin
+  # The demo's recipe and architecture (shared with its clip twin), then this recipe's changes.
+  c = config_lib.from_file("fashion_mnist.py", relative_to=__file__)
   c.init_from = "runs/fm_real"
   c.augment = "crop_flip"
   c.learning_rate = 1e-3  # starting from a trained twin: half the from-scratch rate

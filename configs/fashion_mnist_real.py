@@ -5,17 +5,10 @@ place of sign and real-valued kernels (model "bireal18_real": identical paramete
 checkpoint can initialise the binary net (configs/fashion_mnist_long.py). Everything else is
 the demo's recipe, read from fashion_mnist.py so that the two stay twins.
 """
-import os
-
 from bireal_jax import config as config_lib
 
 
-def _demo_config():
-  return config_lib.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                           "fashion_mnist.py"))
-
-
 def get_config():
-  c = _demo_config()
+  c = config_lib.from_file("fashion_mnist.py", relative_to=__file__)
   c.model = "bireal18_real"  # activation hardtanh, kernel_quantizer None
   return c
