@@ -2,6 +2,7 @@
 
   .venv/bin/python experiments/bench_peers.py                     # all systems, ~10 min
   .venv/bin/python experiments/bench_peers.py --skip-larq --skip-lce --repeats 5
+  python experiments/bench_peers.py --device gpu --batch-size 256 --calls 10 --gap 0  # jax, torch
 
 Systems (each in its own worker process, `--threads` intra-op threads each):
   jax    this library's float path: Adam train step compiled with `layers.cpu_compiler_options()`,
@@ -12,6 +13,10 @@ Systems (each in its own worker process, `--threads` intra-op threads each):
   larq   larq-zoo `BiRealNet` (TF/Keras 2, `.venv-larq`), a `tf.function` Adam step with larq's
          quantizers and weight clip, eval `model(x, training=False)`.
   lce    the larq-zoo model converted by Larq Compute Engine, run by its interpreter (batch 1).
+
+`--device gpu` runs jax and torch on the first GPU (`--dtype bfloat16`: the library's bf16
+compute against torch.autocast bf16; the latent weights and optimizer stay float32 in both).
+Each timed call then runs `--calls` steps and waits for the device at its end.
 
 All workers start first (compile, warm up); then every timed call is issued round-robin across
 systems (train for all, eval for all, batch-1 for all, next round, ...) so that load from other
@@ -50,8 +55,10 @@ def _build_jax(a):
   import jaxlib
   import flax
   import bench_model
-  progs = bench_model.Programs("bireal18", a.batch_size, a.image_size, a.num_classes)
-  how = {"train": ("train", "lib", "cpu"), "eval": ("eval", "lib", "default"),
+  progs = bench_model.Programs("bireal18", a.batch_size, a.image_size, a.num_classes,
+                               dtype=a.dtype)
+  train_options = "cpu" if a.device == "cpu" else "default"  # the CPU options are CPU-only
+  how = {"train": ("train", "lib", train_options), "eval": ("eval", "lib", "default"),
          "lat1": ("latency", "lib", "default")}
   fns = {op: progs.compile(*how[op]) for op in a.ops}
   state = {k: v[1] for k, v in fns.items()}
@@ -60,7 +67,8 @@ def _build_jax(a):
     compiled, _, _, step = fns[op]
     state[op] = jax.block_until_ready(step(compiled, state[op]))
 
-  return call, f"jax {jax.__version__} jaxlib {jaxlib.__version__} flax {flax.__version__}"
+  return call, (f"jax {jax.__version__} jaxlib {jaxlib.__version__} flax {flax.__version__} "
+                f"{a.dtype} on {jax.devices()[0].device_kind}")
 
 
 def _official_training_semantics(net, torch):
@@ -106,24 +114,36 @@ def _build_torch(a):
   for m in net.modules():  # `weights` is torch.empty: give latent weights of both signs
     if isinstance(m, FlatBinaryConv):
       torch.nn.init.normal_(m.weights, 0.0, 0.05)
+  dev = torch.device("cuda" if a.device == "gpu" else "cpu")
+  if a.device == "gpu":
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+  net = net.to(dev)
   opt = torch.optim.Adam(net.parameters(), lr=1e-3)
   loss_fn = torch.nn.CrossEntropyLoss()
   g = torch.Generator().manual_seed(0)
-  x = torch.randn(a.batch_size, 3, a.image_size, a.image_size, generator=g)
-  y = torch.randint(0, a.num_classes, (a.batch_size,), generator=g)
+  x = torch.randn(a.batch_size, 3, a.image_size, a.image_size, generator=g).to(dev)
+  y = torch.randint(0, a.num_classes, (a.batch_size,), generator=g).to(dev)
+  amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
+  fwd = torch.compile(net) if a.torch_compile else net  # graphs built in the warm-up calls
 
   def call(op):
     if op == "train":
       net.train()
       opt.zero_grad(set_to_none=True)
-      loss_fn(net(x), y).backward()
+      with amp:
+        loss = loss_fn(fwd(x), y)
+      loss.backward()
       opt.step()
     else:
       net.eval()
-      with torch.inference_mode():
-        net(x if op == "eval" else x[:1])
+      with torch.inference_mode(), amp:
+        fwd(x if op == "eval" else x[:1])
+    if a.device == "gpu":
+      torch.cuda.synchronize()
 
-  return call, f"torch {torch.__version__} (threads {torch.get_num_threads()})"
+  where = torch.cuda.get_device_name(0) if a.device == "gpu" else f"threads {torch.get_num_threads()}"
+  how = "torch.compile" if a.torch_compile else "eager"
+  return call, f"torch {torch.__version__} {how} {a.dtype} ({where})"
 
 
 def _build_larq(a):
@@ -211,7 +231,8 @@ def worker(a) -> None:
     if op == "quit":
       break
     t, c = time.perf_counter(), cpu_seconds()
-    call(op)
+    for _ in range(a.calls):
+      call(op)
     out.write(json.dumps({"op": op, "s": time.perf_counter() - t, "cpu": cpu_seconds() - c}) + "\n")
     out.flush()
 
@@ -231,8 +252,11 @@ class Worker:
     cmd = [py, os.path.abspath(__file__), "--worker", name, "--threads", str(a.threads),
            "--batch-size", str(a.batch_size), "--image-size", str(a.image_size),
            "--num-classes", str(a.num_classes), "--warmup", str(a.warmup),
-           "--ops", ",".join(a.ops)]
+           "--ops", ",".join(a.ops), "--device", a.device, "--dtype", a.dtype,
+           "--calls", str(a.calls)] + (["--torch-compile"] if a.torch_compile else [])
     env = dict(os.environ, **(extra_env or {}))
+    if a.device == "gpu" and name == "jax":  # leave torch room on the same GPU
+      env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     if name in ("larq", "lce"):
       env["TF_USE_LEGACY_KERAS"] = "1"
     self.name = label or name
@@ -268,6 +292,8 @@ class Worker:
 
 def controller(a) -> None:
   names = [s for s in SYSTEMS if not getattr(a, f"skip_{s}")]
+  if a.device == "gpu":  # larq-zoo and LCE are CPU peers (TF/TFLite) here
+    names = [s for s in names if s in ("jax", "torch")]
   if not names:
     raise SystemExit("every system skipped")
   print(f"python {platform.python_version()}  cpu {cpu_model()}  cores "
@@ -275,7 +301,7 @@ def controller(a) -> None:
         f"  threads per system {a.threads}")
   print(f"Bi-Real-18  image {a.image_size}x{a.image_size}  batch {a.batch_size} (batch 1 for "
         f"latency)  {a.num_classes} classes  median of {a.repeats} interleaved rounds after "
-        f"{a.warmup} warm-up calls")
+        f"{a.warmup} warm-up calls; {a.calls} steps per timed call; {a.device} {a.dtype}")
   print(f"load average before setup: {loadavg()}", flush=True)
   workers = []
   try:
@@ -314,7 +340,8 @@ def controller(a) -> None:
   def cell(name, op, m):
     if (name, op) not in m:
       return "–"
-    value = f"{1e3 * m[(name, op)]:.1f} ms" if op == "lat1" else f"{a.batch_size / m[(name, op)]:.1f}"
+    per_step = m[(name, op)] / a.calls
+    value = f"{1e3 * per_step:.2f} ms" if op == "lat1" else f"{a.batch_size / per_step:.1f}"
     if name != "jax" and ("jax", op) in m:
       value += f" ({m[(name, op)] / m[('jax', op)]:.2f}x)"
     return value
@@ -351,6 +378,13 @@ def main(argv=None) -> None:
   ap.add_argument("--gap", type=float, default=0.5,
                   help="idle seconds before each timed call (lets other pools stop spinning)")
   ap.add_argument("--log-dir", default="/tmp", help="where workers' stderr goes")
+  ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                  help="gpu: jax and torch on the first GPU (larq and lce are skipped)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="compute dtype of jax and torch (bfloat16: torch.autocast)")
+  ap.add_argument("--calls", type=int, default=1, help="steps per timed call")
+  ap.add_argument("--torch-compile", action="store_true",
+                  help="torch: run the network through torch.compile (default: eager, as the authors)")
   for s in SYSTEMS:
     ap.add_argument(f"--skip-{s}", action="store_true")
   ap.add_argument("--jax-env", action="append", default=[], metavar="KEY=VALUE",
@@ -364,7 +398,7 @@ def main(argv=None) -> None:
   bad = [op for op in a.ops if op not in OPS]
   if bad or not a.ops:
     ap.error(f"--ops must be a subset of {OPS}, got {bad or a.ops}")
-  for flag in ("batch_size", "image_size", "num_classes", "threads", "repeats"):
+  for flag in ("batch_size", "image_size", "num_classes", "threads", "repeats", "calls"):
     if getattr(a, flag) < 1:
       ap.error(f"--{flag.replace('_', '-')} must be >= 1")
   if a.worker:
