@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bireal_jax import input_pipeline as ip
-from test_input_pipeline import synthetic_split, write_split_files
+from test_input_pipeline import synth_dir  # noqa: F401  (fixture: full-size synthetic IDX files)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("fm_sweep",
@@ -18,16 +18,8 @@ fm_sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fm_sweep)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("fmnist"))
-  for split_id, (split, (_, _, n)) in enumerate(ip.FMNIST_FILES.items()):
-    write_split_files(d, split, *synthetic_split(n, split_id))
-  return d
-
-
-def cfg(folder, augment="none"):
-  return ml_collections.ConfigDict(dict(dataset="fashion_mnist", manual_dir=folder, image_size=28,
+def cfg(synth_dir, augment="none"):
+  return ml_collections.ConfigDict(dict(dataset="fashion_mnist", manual_dir=synth_dir, image_size=28,
                                         eval_split="test", augment=augment))
 
 
@@ -37,40 +29,40 @@ def index_of(image):
   return px[0, 0] + 256 * px[0, 1]
 
 
-def test_eval_batches_equal_the_tf_pipeline(folder):
-  src = fm_sweep.NumpyFashionMnist(folder)
-  ours = list(src.create_eval_iter(cfg(folder), batch_size=3000))
-  theirs = list(ip.create_eval_iter(cfg(folder), batch_size=3000, process_index=0,
+def test_eval_batches_equal_the_tf_pipeline(synth_dir):
+  src = fm_sweep.NumpyFashionMnist(synth_dir)
+  ours = list(src.create_eval_iter(cfg(synth_dir), batch_size=3000))
+  theirs = list(ip.create_eval_iter(cfg(synth_dir), batch_size=3000, process_index=0,
                                     process_count=1))
   assert len(ours) == len(theirs) == 4  # 10,000 examples: the last batch padded and masked
   for a, b in zip(ours, theirs):
     np.testing.assert_array_equal(a["label"], b["label"])
     np.testing.assert_array_equal(a["mask"], b["mask"])
     np.testing.assert_allclose(a["image"], b["image"], atol=1e-6)
-  info = src.dataset_info(cfg(folder))
+  info = src.dataset_info(cfg(synth_dir))
   assert (info.num_classes, info.image_shape, info.num_train, info.num_eval) == (
       10, (28, 28, 1), 60000, 10000)
 
 
-def test_train_batches_cover_an_epoch_once_and_resume(folder):
-  src = fm_sweep.NumpyFashionMnist(folder)
-  it = src.create_train_iter(cfg(folder), batch_size=1000, seed=3)
+def test_train_batches_cover_an_epoch_once_and_resume(synth_dir):
+  src = fm_sweep.NumpyFashionMnist(synth_dir)
+  it = src.create_train_iter(cfg(synth_dir), batch_size=1000, seed=3)
   epoch = [next(it) for _ in range(60)]
   seen = np.concatenate([[index_of(x) for x in b["image"]] for b in epoch])
   assert sorted(seen) == list(range(60000))  # a permutation of the train set
   labels = np.concatenate([b["label"] for b in epoch])
   np.testing.assert_array_equal(labels, (7 * seen) % 10)  # each label belongs to its image
-  resumed = next(src.create_train_iter(cfg(folder), batch_size=1000, seed=3, start_step=61))
+  resumed = next(src.create_train_iter(cfg(synth_dir), batch_size=1000, seed=3, start_step=61))
   np.testing.assert_array_equal(resumed["image"], (next(it), next(it))[1]["image"])
-  other = next(src.create_train_iter(cfg(folder), batch_size=1000, seed=4))
+  other = next(src.create_train_iter(cfg(synth_dir), batch_size=1000, seed=4))
   assert not np.array_equal(other["label"], epoch[0]["label"])
 
 
-def test_crop_flip_is_a_shifted_possibly_mirrored_crop(folder):
-  src = fm_sweep.NumpyFashionMnist(folder)
+def test_crop_flip_is_a_shifted_possibly_mirrored_crop(synth_dir):
+  src = fm_sweep.NumpyFashionMnist(synth_dir)
   images, _ = src.arrays["train"]
-  batch = next(src.create_train_iter(cfg(folder, "crop_flip"), batch_size=64, seed=0))
-  plain = next(src.create_train_iter(cfg(folder), batch_size=64, seed=0))  # same order
+  batch = next(src.create_train_iter(cfg(synth_dir, "crop_flip"), batch_size=64, seed=0))
+  plain = next(src.create_train_iter(cfg(synth_dir), batch_size=64, seed=0))  # same order
   shifts = set()
   for aug, ref in zip(batch["image"], plain["image"]):
     i = index_of(ref)
@@ -84,11 +76,11 @@ def test_crop_flip_is_a_shifted_possibly_mirrored_crop(folder):
   assert len(shifts) > 10  # offsets and flips actually vary
 
 
-def test_bad_input_errors(folder, tmp_path):
+def test_bad_input_errors(synth_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz"):
     fm_sweep.NumpyFashionMnist(str(tmp_path))
-  src = fm_sweep.NumpyFashionMnist(folder)
-  bad = cfg(folder)
+  src = fm_sweep.NumpyFashionMnist(synth_dir)
+  bad = cfg(synth_dir)
   bad.image_size = 32
   with pytest.raises(ValueError, match="image_size=32"):
     src.dataset_info(bad)
