@@ -18,8 +18,8 @@ fm_sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fm_sweep)
 
 
-def cfg(synth_dir, augment="none"):
-  return ml_collections.ConfigDict(dict(dataset="fashion_mnist", manual_dir=synth_dir, image_size=28,
+def cfg(folder, augment="none"):
+  return ml_collections.ConfigDict(dict(dataset="fashion_mnist", manual_dir=folder, image_size=28,
                                         eval_split="test", augment=augment))
 
 
