@@ -19,7 +19,6 @@ lands in `--out`; the table at the end is read back from those files.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -32,6 +31,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CONFIGS = os.path.join(ROOT, "configs")
+sys.path.insert(0, ROOT)
+from bireal_jax.idx_files import (FMNIST_FILES, FMNIST_MEAN as MEAN, FMNIST_PAD as PAD,  # noqa: E402
+                                  FMNIST_STD as STD, read_fashion_mnist)
 
 # name -> (config file, overrides). "{other}" in a value is the workdir of recipe `other`.
 RECIPES = {
@@ -68,34 +70,16 @@ DEFAULT = ",".join(r for r in RECIPES if not r.startswith("tiny"))
 # Data: the `bireal_jax.input_pipeline` interface over numpy arrays
 # ------------------------------------------------------------------------------------------------
 
-FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60_000),
-         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10_000)}
-MEAN, STD, PAD = 0.2860, 0.3530, 2  # as bireal_jax.input_pipeline (train-set pixel statistics)
-
-
-def _read_idx_gz(path: str, shape: tuple) -> np.ndarray:
-  with gzip.open(path, "rb") as f:
-    data = f.read()
-  header = 4 + 4 * len(shape)
-  if data[:2] != b"\0\0" or data[3] != len(shape) or len(data) - header != int(np.prod(shape)):
-    raise ValueError(f"{path}: not an IDX file of shape {shape} (header {data[:4].hex()}, "
-                     f"{len(data)} bytes)")
-  return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
-
-
 class NumpyFashionMnist:
   """Fashion-MNIST in memory, batches as `bireal_jax.input_pipeline` yields them (one process)."""
 
   def __init__(self, folder: str):
-    missing = [f for v in FILES.values() for f in v[:2]
+    missing = [f for v in FMNIST_FILES.values() for f in v[:2]
                if not os.path.exists(os.path.join(folder, f))]
     if missing:
       raise FileNotFoundError(f"Fashion-MNIST: {missing} not in {folder!r} (Debian's "
                               "dataset-fashion-mnist puts all four in /usr/share/datasets/fashion-mnist)")
-    self.arrays = {}
-    for split, (images, labels, n) in FILES.items():
-      self.arrays[split] = (_read_idx_gz(os.path.join(folder, images), (n, 28, 28))[..., None],
-                            _read_idx_gz(os.path.join(folder, labels), (n,)).astype(np.int32))
+    self.arrays = {split: read_fashion_mnist(folder, split) for split in FMNIST_FILES}
 
   @staticmethod
   def _check(config, process_count):
@@ -158,7 +142,6 @@ class NumpyFashionMnist:
 
 
 def recipe_config(name: str, out: str, epochs: float | None):
-  sys.path.insert(0, ROOT)
   from bireal_jax import config as config_lib
   file, overrides = RECIPES[name]
   c = config_lib.from_file(os.path.join(CONFIGS, file))
@@ -174,7 +157,6 @@ def recipe_config(name: str, out: str, epochs: float | None):
 
 
 def run_one(a) -> None:
-  sys.path.insert(0, ROOT)
   import jax
   from bireal_jax import train
   c = recipe_config(a.only, a.out, a.epochs)
