@@ -49,6 +49,12 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, dtype, offset=header).reshape(dims)
 
 
+def missing_fashion_mnist_files(folder: str) -> list[str]:
+  """The four IDX .gz file names not present in `folder` (all four when it holds none)."""
+  names = [f for files in FMNIST_FILES.values() for f in files[:2]]
+  return [n for n in names if not os.path.exists(os.path.join(folder, n))]
+
+
 def read_fashion_mnist(manual_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """One split from the original IDX .gz files: (uint8 [N, 28, 28, 1], int32 [N]), checked."""
   images_file, labels_file, count = FMNIST_FILES[split]

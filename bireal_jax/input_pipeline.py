@@ -73,7 +73,8 @@ DATASETS = ("fashion_mnist", "imagenet2012")
 
 # The IDX files and their constants live in a TensorFlow-free module (experiments read them too).
 from bireal_jax.idx_files import (FMNIST_DIR, FMNIST_FILES, FMNIST_MEAN, FMNIST_PAD,  # noqa: E402
-                                  FMNIST_STD, read_fashion_mnist, read_idx)
+                                  FMNIST_STD, missing_fashion_mnist_files,
+                                  read_fashion_mnist, read_idx)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -215,11 +216,11 @@ def _int_seeds(key, n: int) -> list[int]:
 
 def _fmnist_files_present(manual_dir: str) -> bool:
   names = [f for files in FMNIST_FILES.values() for f in files[:2]]
-  present = [n for n in names if os.path.exists(os.path.join(manual_dir, n))]
-  if present and len(present) < len(names):
-    missing = sorted(set(names) - set(present))
-    raise FileNotFoundError(f"Fashion-MNIST in {manual_dir}: {missing} missing (found {present}); "
-                            f"expected all of {names}")
+  missing = missing_fashion_mnist_files(manual_dir)
+  present = [n for n in names if n not in missing]
+  if present and missing:
+    raise FileNotFoundError(f"Fashion-MNIST in {manual_dir}: {sorted(missing)} missing (found "
+                            f"{present}); expected all of {names}")
   return bool(present)
 
 

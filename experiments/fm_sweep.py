@@ -33,7 +33,8 @@ ROOT = os.path.dirname(HERE)
 CONFIGS = os.path.join(ROOT, "configs")
 sys.path.insert(0, ROOT)
 from bireal_jax.idx_files import (FMNIST_FILES, FMNIST_MEAN as MEAN, FMNIST_PAD as PAD,  # noqa: E402
-                                  FMNIST_STD as STD, read_fashion_mnist)
+                                  FMNIST_STD as STD, missing_fashion_mnist_files,
+                                  read_fashion_mnist)
 
 # name -> (config file, overrides). "{other}" in a value is the workdir of recipe `other`.
 RECIPES = {
@@ -74,8 +75,7 @@ class NumpyFashionMnist:
   """Fashion-MNIST in memory, batches as `bireal_jax.input_pipeline` yields them (one process)."""
 
   def __init__(self, folder: str):
-    missing = [f for v in FMNIST_FILES.values() for f in v[:2]
-               if not os.path.exists(os.path.join(folder, f))]
+    missing = missing_fashion_mnist_files(folder)
     if missing:
       raise FileNotFoundError(f"Fashion-MNIST: {missing} not in {folder!r} (Debian's "
                               "dataset-fashion-mnist puts all four in /usr/share/datasets/fashion-mnist)")
@@ -177,12 +177,16 @@ def deps(name: str) -> set:
           for r in RECIPES if "{" + r + "}" in v}
 
 
+def finished(out: str) -> set:
+  """Recipes whose result JSON is in `out`."""
+  return {r for r in RECIPES if os.path.exists(os.path.join(out, f"{r}.json"))}
+
+
 def schedule(a, names: list) -> None:
   os.makedirs(a.out, exist_ok=True)
-  todo = [n for n in names if not os.path.exists(os.path.join(a.out, f"{n}.json"))]
+  todo = [n for n in names if n not in finished(a.out)]
   for n in todo:
-    missing = deps(n) - set(names) - {r for r in RECIPES
-                                       if os.path.exists(os.path.join(a.out, f"{r}.json"))}
+    missing = deps(n) - set(names) - finished(a.out)
     if missing:
       raise SystemExit(f"recipe {n} needs {sorted(missing)}: add them to --recipes")
   env = dict(os.environ)
@@ -191,7 +195,7 @@ def schedule(a, names: list) -> None:
   running, failed = {}, []
   t0 = time.time()
   while todo or running:
-    done = {r for r in RECIPES if os.path.exists(os.path.join(a.out, f"{r}.json"))}
+    done = finished(a.out)
     for n in list(todo):
       if len(running) < a.parallel and deps(n) <= done:
         cmd = [sys.executable, os.path.abspath(__file__), "--only", n, "--out", a.out,
@@ -204,7 +208,7 @@ def schedule(a, names: list) -> None:
       if p.poll() is not None:
         log.close()
         del running[n]
-        ok = p.returncode == 0 and os.path.exists(os.path.join(a.out, f"{n}.json"))
+        ok = p.returncode == 0 and n in finished(a.out)
         print(f"[{time.time() - t0:6.0f} s] {'done' if ok else 'FAILED'} {n} "
               f"(exit {p.returncode}; log {log.name})", flush=True)
         if not ok:
