@@ -1,0 +1,156 @@
+"""Where the CPU train step's time goes: every convolution of the model, forward, dX and dW, timed alone.
+
+  .venv/bin/python experiments/bench_conv_layers.py --model bireal18 --image-size 224 --batch-size 32
+
+The convolutions are read from the model itself (a jaxpr of its training forward with the CPU
+fast paths off, so each is a plain `lax.conv_general_dilated`); identical geometries are timed
+once and counted. For each: the f32 forward, the input gradient dX (skipped for the stem, whose
+input needs none) and the weight gradient dW, each jitted alone with `--options` and timed
+interleaved with the whole library train step (`bench_model.Programs`, Adam, the same options),
+medians of `--repeats`. The table gives ms per call and GFLOP/s; the summary compares the sum
+with the step. The step's binary forwards may take the int8 path where it is faster, so the sum
+is of the plain f32 work the step would do without it.
+
+Run it under other `XLA_FLAGS` to try other convolution libraries: it reports how many of the
+compiled convolutions XLA left as plain `convolution` ops (its Eigen runtime) and how many went
+into a library fusion (YNNPACK, XNNPACK or oneDNN).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import statistics
+import time
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bench_model import Programs, compiler_options
+from bireal_jax import layers, models
+from machine import cores, cpu_model, loadavg
+
+
+def model_convs(model_name: str, batch: int, size: int, num_classes: int) -> collections.Counter:
+  """Counter of (lhs shape, rhs shape, strides, padding) over the model's training forward."""
+  model = models.get(model_name, num_classes=num_classes)
+  x = jnp.zeros((batch, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1]))
+
+  def fwd(v, x):
+    return model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+
+  with layers.cpu_fast_paths(False):
+    jaxpr = jax.make_jaxpr(fwd)(variables, x)
+  found = collections.Counter()
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        lhs, rhs = (v.aval.shape for v in eqn.invars)
+        found[(lhs, rhs, tuple(eqn.params["window_strides"]),
+               tuple(tuple(p) for p in eqn.params["padding"]))] += 1
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jaxpr.jaxpr)
+  return found
+
+
+def conv_programs(lhs, rhs, strides, padding, options: dict, stem: bool):
+  """{part: (compiled, args, flops)} for the forward, dX (unless `stem`) and dW of one conv."""
+  conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.sign(rng.standard_normal(lhs)).astype(np.float32))
+  w = jnp.asarray(rng.standard_normal(rhs).astype(np.float32))
+  y = jax.eval_shape(conv, x, w)
+  g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+  flops = 2 * int(np.prod(y.shape)) * int(np.prod(rhs[:3]))
+  parts = {"fwd": (conv, (x, w)),
+           "dX": (lambda x, w, g: jax.vjp(lambda a: conv(a, w), x)[1](g)[0], (x, w, g)),
+           "dW": (lambda x, w, g: jax.vjp(lambda b: conv(x, b), w)[1](g)[0], (x, w, g))}
+  if stem:
+    del parts["dX"]
+  return {k: (jax.jit(f).lower(*a).compile(compiler_options=options), a, flops)
+          for k, (f, a) in parts.items()}
+
+
+def library_split(compiled) -> tuple[int, int]:
+  """(plain `convolution` ops, library fusions) in a compiled program's HLO."""
+  text = compiled.as_text()
+  plain = len(re.findall(r"= \S+ convolution\(", text))
+  fused = len(re.findall(r"kind=kCustom|custom_call_target=\"__onednn|[xy]nn_fusion", text))
+  return plain, fused
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--model", default="bireal18", help=f"one of {models.names()}")
+  ap.add_argument("--image-size", type=int, default=224)
+  ap.add_argument("--batch-size", type=int, default=32)
+  ap.add_argument("--num-classes", type=int, default=1000)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--options", choices=("cpu", "default"), default="cpu",
+                  help="cpu = layers.cpu_compiler_options() (what the training loop uses)")
+  a = ap.parse_args(argv)
+  if a.model not in models.names():
+    ap.error(f"unknown model {a.model!r}; expected one of {models.names()}")
+  for flag in ("image_size", "batch_size", "num_classes", "repeats"):
+    if getattr(a, flag) < 1:
+      ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+  opts = compiler_options(a.options)
+  print(f"jax {jax.__version__}  cpu {cpu_model()}  cores {cores()}  backend {jax.default_backend()}")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  compiler options {opts}")
+  print(f"model {a.model}  image {a.image_size}  batch {a.batch_size}  medians of {a.repeats}")
+  print(f"load average before: {loadavg()}")
+
+  convs = model_convs(a.model, a.batch_size, a.image_size, a.num_classes)
+  entries, plain, fused = {}, 0, 0
+  for (lhs, rhs, strides, padding), count in convs.items():
+    name = (f"{lhs[1]}x{lhs[2]}x{lhs[3]}->{rhs[3]} k{rhs[0]}x{rhs[1]} s{strides[0]}")
+    progs = conv_programs(lhs, rhs, strides, padding, opts, stem=lhs[3] == 3)
+    for part, (c, args, flops) in progs.items():
+      entries[(name, part)] = (c, args, flops, count)
+      p, f = library_split(c)
+      plain, fused = plain + p, fused + f
+  print(f"{len(convs)} distinct convolutions ({sum(convs.values())} in the model); compiled "
+        f"programs hold {plain} plain XLA convolution ops and {fused} library fusions")
+  step, args, n, advance = Programs(a.model, a.batch_size, a.image_size, a.num_classes).compile(
+      "train", "lib", a.options)
+  args = jax.block_until_ready(advance(step, args))
+  for c, xs, _, _ in entries.values():
+    jax.block_until_ready(c(*xs))
+  times = {k: [] for k in entries}
+  step_times = []
+  for _ in range(a.repeats):
+    for k, (c, xs, _, _) in entries.items():
+      t = time.perf_counter()
+      jax.block_until_ready(c(*xs))
+      times[k].append(time.perf_counter() - t)
+    t = time.perf_counter()
+    args = jax.block_until_ready(advance(step, args))
+    step_times.append(time.perf_counter() - t)
+
+  print(f"\n| convolution | count | part | ms per call | ms × count | GFLOP/s |\n|---|---|---|---|---|---|")
+  by_part = collections.Counter()
+  for (name, part), (_, _, flops, count) in entries.items():
+    med = statistics.median(times[(name, part)])
+    by_part[part] += med * count
+    print(f"| {name} | {count} | {part} | {med * 1e3:.1f} | {med * count * 1e3:.1f} | "
+          f"{flops / med / 1e9:.0f} |")
+  total = sum(by_part.values())
+  step_med = statistics.median(step_times)
+  print(f"\nsum of convolutions {total * 1e3:.0f} ms (fwd {by_part['fwd'] * 1e3:.0f}, dX "
+        f"{by_part['dX'] * 1e3:.0f}, dW {by_part['dW'] * 1e3:.0f}); whole train step "
+        f"{step_med * 1e3:.0f} ms = {n / step_med:.1f} img/s; convolutions / step = "
+        f"{total / step_med:.2f}")
+  print(f"load average after: {loadavg()}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,34 @@
+"""experiments/bench_conv_layers.py reads the model's convolutions from the model itself."""
+import os
+import sys
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import bench_conv_layers as bcl  # noqa: E402
+
+
+def test_model_convs_lists_every_convolution_of_bireal18():
+  convs = bcl.model_convs("bireal18", batch=2, size=32, num_classes=10)
+  # 1 stem + 16 binary 3x3 + 3 real 1x1 downsample convolutions.
+  assert sum(convs.values()) == 20
+  stem = [k for k in convs if k[0][3] == 3]
+  assert stem == [((2, 32, 32, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)))]
+  assert sum(c for k, c in convs.items() if k[1][:2] == (3, 3)) == 16
+  assert sum(c for k, c in convs.items() if k[1][:2] == (1, 1)) == 3
+
+
+def test_conv_programs_compute_the_gradients_of_the_convolution():
+  (lhs, rhs, strides, padding), = [k for k in bcl.model_convs("bireal18", 2, 32, 10)
+                                   if k[1][:2] == (3, 3) and k[2] == (2, 2)][:1]
+  progs = bcl.conv_programs(lhs, rhs, strides, padding, {}, stem=False)
+  assert set(progs) == {"fwd", "dX", "dW"}
+  (c, (x, w, g), flops) = progs["dW"]
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want = jax.grad(lambda w: (conv(x, w) * g).sum())(w)
+  np.testing.assert_allclose(c(x, w, g), want, rtol=1e-4, atol=1e-3)
+  assert flops == 2 * g.size * rhs[0] * rhs[1] * rhs[2]
+  assert "dX" not in bcl.conv_programs(lhs, rhs, strides, padding, {}, stem=True)
