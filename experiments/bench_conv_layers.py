@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench_model import Programs, compiler_options
+from bench_model import Programs, add_model_args, compiler_options, parse_model_args
 from bireal_jax import layers, models
 from machine import cores, cpu_model, loadavg
 
@@ -104,19 +104,10 @@ def library_split(compiled) -> tuple[int, int]:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--model", default="bireal18", help=f"one of {models.names()}")
-  ap.add_argument("--image-size", type=int, default=224)
-  ap.add_argument("--batch-size", type=int, default=32)
-  ap.add_argument("--num-classes", type=int, default=1000)
-  ap.add_argument("--repeats", type=int, default=5)
+  add_model_args(ap, repeats=5)
   ap.add_argument("--options", choices=("cpu", "default"), default="cpu",
                   help="cpu = layers.cpu_compiler_options() (what the training loop uses)")
-  a = ap.parse_args(argv)
-  if a.model not in models.names():
-    ap.error(f"unknown model {a.model!r}; expected one of {models.names()}")
-  for flag in ("image_size", "batch_size", "num_classes", "repeats"):
-    if getattr(a, flag) < 1:
-      ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+  a = parse_model_args(ap, argv)
   opts = compiler_options(a.options)
   print(f"jax {jax.__version__}  cpu {cpu_model()}  cores {cores()}  backend {jax.default_backend()}")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  compiler options {opts}")

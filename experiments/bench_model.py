@@ -123,13 +123,29 @@ def run_interleaved(entries: dict, warmup: int, repeats: int) -> dict:
   return out
 
 
-def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_model_args(ap: argparse.ArgumentParser, repeats: int) -> None:
+  """The model/input/repeat flags every CPU model benchmark takes (checked by parse_model_args)."""
   ap.add_argument("--model", default="bireal18", help=f"one of {models.names()}")
   ap.add_argument("--image-size", type=int, default=224)
   ap.add_argument("--batch-size", type=int, default=32)
   ap.add_argument("--num-classes", type=int, default=1000)
-  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--repeats", type=int, default=repeats)
+
+
+def parse_model_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+  """`ap.parse_args`, then an error naming the flag for an unknown model or a size below 1."""
+  args = ap.parse_args(argv)
+  if args.model not in models.names():
+    ap.error(f"unknown model {args.model!r}; expected one of {models.names()}")
+  for flag in ("image_size", "batch_size", "num_classes", "repeats"):
+    if getattr(args, flag) < 1:
+      ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+  return args
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  add_model_args(ap, repeats=7)
   ap.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
   ap.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
   ap.add_argument("--mode", choices=("all", "both", "train", "forward", "latency"), default="all",
@@ -137,12 +153,7 @@ def main(argv=None) -> None:
   for kind in ("train", "eval", "latency"):
     ap.add_argument(f"--{kind}-variants", default=DEFAULT_VARIANTS[kind],
                     help=f"comma-separated PATHS:OPTIONS (default {DEFAULT_VARIANTS[kind]})")
-  args = ap.parse_args(argv)
-  if args.model not in models.names():
-    ap.error(f"unknown model {args.model!r}; expected one of {models.names()}")
-  for flag in ("image_size", "batch_size", "num_classes", "repeats"):
-    if getattr(args, flag) < 1:
-      ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+  args = parse_model_args(ap, argv)
   kinds = {"all": ("train", "eval", "latency"), "both": ("train", "eval"), "train": ("train",),
            "forward": ("eval",), "latency": ("latency",)}[args.mode]
   variants = {}
