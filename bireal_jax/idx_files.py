@@ -17,6 +17,7 @@ FMNIST_FILES = {  # split -> (images file, labels file, examples)
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
 }
+FMNIST_FILE_NAMES = [f for files in FMNIST_FILES.values() for f in files[:2]]
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # over the 60,000 train images, pixels in [0, 1]
 FMNIST_PAD = 2  # crop+flip augmentation: zero-pad by 2, random 28x28 crop
 
@@ -51,8 +52,7 @@ def read_idx(path: str) -> np.ndarray:
 
 def missing_fashion_mnist_files(folder: str) -> list[str]:
   """The four IDX .gz file names not present in `folder` (all four when it holds none)."""
-  names = [f for files in FMNIST_FILES.values() for f in files[:2]]
-  return [n for n in names if not os.path.exists(os.path.join(folder, n))]
+  return [n for n in FMNIST_FILE_NAMES if not os.path.exists(os.path.join(folder, n))]
 
 
 def read_fashion_mnist(manual_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -72,8 +72,8 @@ import tensorflow_datasets as tfds  # noqa: E402  (after the devices are hidden)
 DATASETS = ("fashion_mnist", "imagenet2012")
 
 # The IDX files and their constants live in a TensorFlow-free module (experiments read them too).
-from bireal_jax.idx_files import (FMNIST_DIR, FMNIST_FILES, FMNIST_MEAN, FMNIST_PAD,  # noqa: E402
-                                  FMNIST_STD, missing_fashion_mnist_files,
+from bireal_jax.idx_files import (FMNIST_DIR, FMNIST_FILE_NAMES, FMNIST_FILES,  # noqa: E402
+                                  FMNIST_MEAN, FMNIST_PAD, FMNIST_STD, missing_fashion_mnist_files,
                                   read_fashion_mnist, read_idx)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -215,12 +215,11 @@ def _int_seeds(key, n: int) -> list[int]:
 # --------------------------------------------------------------------------- Fashion-MNIST
 
 def _fmnist_files_present(manual_dir: str) -> bool:
-  names = [f for files in FMNIST_FILES.values() for f in files[:2]]
   missing = missing_fashion_mnist_files(manual_dir)
-  present = [n for n in names if n not in missing]
+  present = [n for n in FMNIST_FILE_NAMES if n not in missing]
   if present and missing:
     raise FileNotFoundError(f"Fashion-MNIST in {manual_dir}: {sorted(missing)} missing (found "
-                            f"{present}); expected all of {names}")
+                            f"{present}); expected all of {FMNIST_FILE_NAMES}")
   return bool(present)
 
 
@@ -236,7 +235,7 @@ def _fmnist_arrays_cached(manual_dir: str, data_dir: str | None, stamp) -> dict:
   except Exception as e:
     raise RuntimeError(
         f"Fashion-MNIST: the IDX files are not in manual_dir={manual_dir!r} (expected "
-        f"{[f for v in FMNIST_FILES.values() for f in v[:2]]}) and tfds could not provide "
+        f"{FMNIST_FILE_NAMES}) and tfds could not provide "
         f"the dataset either ({type(e).__name__}: {e}). Install Debian's dataset-fashion-mnist "
         "or point config.manual_dir at the four files.") from e
   arrays = {}
@@ -251,12 +250,11 @@ def fashion_mnist_arrays(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{split: (uint8 [N, 28, 28, 1], int32 [N])} from the IDX files in manual_dir, else tfds."""
   manual_dir = _get(config, "manual_dir")
   stamp = []
-  for files in FMNIST_FILES.values():
-    for f in files[:2]:
-      path = os.path.join(manual_dir or "", f)
-      if manual_dir and os.path.exists(path):
-        st = os.stat(path)
-        stamp.append((f, st.st_mtime_ns, st.st_size))
+  for f in FMNIST_FILE_NAMES:
+    path = os.path.join(manual_dir or "", f)
+    if manual_dir and os.path.exists(path):
+      st = os.stat(path)
+      stamp.append((f, st.st_mtime_ns, st.st_size))
   return _fmnist_arrays_cached(manual_dir, config.get("data_dir"), tuple(stamp))
 
 

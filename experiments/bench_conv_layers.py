@@ -62,7 +62,10 @@ def model_convs(model_name: str, batch: int, size: int, num_classes: int) -> col
 
 
 def conv_programs(lhs, rhs, strides, padding, options: dict, stem: bool):
-  """{part: (compiled, args, flops)} for the forward, dX (unless `stem`) and dW of one conv."""
+  """{part: (compiled, args, flops)} for the forward, dX and dW of one conv.
+
+  `stem`: the conv reads the input images, so the train step needs no dX for it.
+  """
   conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
   rng = np.random.default_rng(0)
@@ -117,8 +120,9 @@ def main(argv=None) -> None:
   convs = model_convs(a.model, a.batch_size, a.image_size, a.num_classes)
   entries, plain, fused = {}, 0, 0
   for (lhs, rhs, strides, padding), count in convs.items():
-    name = (f"{lhs[1]}x{lhs[2]}x{lhs[3]}->{rhs[3]} k{rhs[0]}x{rhs[1]} s{strides[0]}")
-    progs = conv_programs(lhs, rhs, strides, padding, opts, stem=lhs[3] == 3)
+    name = f"{lhs[1]}x{lhs[2]}x{lhs[3]}->{rhs[3]} k{rhs[0]}x{rhs[1]} s{strides[0]}"
+    progs = conv_programs(lhs, rhs, strides, padding, opts,
+                          stem=lhs == (a.batch_size, a.image_size, a.image_size, 3))
     for part, (c, args, flops) in progs.items():
       entries[(name, part)] = (c, args, flops, count)
       p, f = library_split(c)
@@ -129,8 +133,6 @@ def main(argv=None) -> None:
   step, args, n, advance = Programs(a.model, a.batch_size, a.image_size, a.num_classes).compile(
       "train", "lib", a.options)
   args = jax.block_until_ready(advance(step, args))
-  for c, xs, _, _ in entries.values():
-    jax.block_until_ready(c(*xs))
   times = {k: [] for k in entries}
   step_times = []
   for _ in range(a.repeats):

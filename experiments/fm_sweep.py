@@ -184,9 +184,10 @@ def finished(out: str) -> set:
 
 def schedule(a, names: list) -> None:
   os.makedirs(a.out, exist_ok=True)
-  todo = [n for n in names if n not in finished(a.out)]
+  done = finished(a.out)
+  todo = [n for n in names if n not in done]
   for n in todo:
-    missing = deps(n) - set(names) - finished(a.out)
+    missing = deps(n) - set(names) - done
     if missing:
       raise SystemExit(f"recipe {n} needs {sorted(missing)}: add them to --recipes")
   env = dict(os.environ)
