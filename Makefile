@@ -8,7 +8,7 @@ WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 LARQ_VENV ?= .venv-larq
 
-.PHONY: test demo venv data clean larq-env
+.PHONY: test demo venv data clean larq-env sysdeps
 
 # torch (converter tests) is pinned to the CPU wheel first: unpinned, pip picks the CUDA build.
 venv: $(VENV)/.installed
@@ -26,6 +26,14 @@ data:
 	  (apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)); \
 	else echo "no Debian package here: tfds will download Fashion-MNIST"; fi
 
+# g++ and oneDNN's headers: bireal_jax builds its CPU convolutions against them on first use
+# (bireal_jax/onednn.py); without them it falls back to XLA's own, slower convolutions.
+sysdeps:
+	@if [ -f /usr/include/dnnl.hpp ] && command -v g++ >/dev/null 2>&1; then echo "oneDNN + g++: present"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y g++ libdnnl-dev || (apt-get update && apt-get install -y g++ libdnnl-dev)); \
+	else echo "no apt here: install a C++ compiler and oneDNN headers for the fast CPU convolutions"; fi
+
 # larq-zoo (the converter test's peer) imports only with TF < 2.17 and Keras 2: own venv.
 larq-env: $(LARQ_VENV)/.installed
 $(LARQ_VENV)/.installed:
@@ -33,10 +41,10 @@ $(LARQ_VENV)/.installed:
 	$(LARQ_VENV)/bin/python -m pip install larq larq-zoo "tensorflow-cpu<2.17" "tf-keras<2.17"
 	touch $@
 
-test: venv data larq-env
+test: venv sysdeps data larq-env
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 $$XLA_FLAGS" $(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
-demo: venv data
+demo: venv sysdeps data
 	$(PY) -m bireal_jax.main --config=configs/fashion_mnist.py --workdir=$(WORKDIR)
 
 clean:

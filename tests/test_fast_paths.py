@@ -1,5 +1,6 @@
-"""CPU fast paths (int8 binary-conv forward, sliced max-pool, compiler options) against the plain
-lax reference paths: same values and gradients to float tolerance, ties routed alike."""
+"""CPU fast paths (XOR/popcount and int8 binary-conv forwards, oneDNN f32 convs, sliced max-pool,
+compiler options) against the plain lax reference paths: same values and gradients to float
+tolerance, ties routed alike."""
 import functools
 
 import flax.linen as nn
@@ -28,6 +29,13 @@ def _traced(fn, *args, fast):
   """Jaxpr text of `fn` traced with the fast paths on or off."""
   with layers.cpu_fast_paths(fast):
     return str(jax.make_jaxpr(lambda *a: fn(*a))(*args))  # fresh lambda: no trace-cache reuse
+
+
+def _branch(jaxpr: str) -> str:
+  """Which binary-conv forward a traced jaxpr took: packed XOR, int8 dot, or the f32 conv."""
+  if "population_count" in jaxpr:
+    return "xor"
+  return "int8" if "i8" in jaxpr else "f32"
 
 
 def _both(fn, *args):
@@ -104,22 +112,23 @@ def test_max_pool_rejects_bad_ranks():
 # Binary convolution
 # ------------------------------------------------------------------------------------------------
 
-CONVS = [  # (input shape, features, kernel, stride, padding, int8 branch expected)
-    ((2, 9, 8, 3), 5, 3, 1, 1, True),            # 9x8 output <= 14x14
-    ((2, 16, 16, 4), 6, 3, 1, 1, False),         # 16x16 output, stride 1: f32 conv
-    ((2, 16, 16, 4), 6, 3, 2, 1, True),          # strided
-    ((2, 11, 10, 3), 4, 3, 2, "SAME", True),
-    ((1, 9, 9, 2), 3, 3, 2, "VALID", True),
-    ((2, 8, 8, 4), 8, 1, 2, 0, True),            # 1x1 shortcut-style conv
-    ((1, 9, 8, 3), 5, 3, 2, ((2, 0), (0, 1)), True),
+CONVS = [  # (input shape, features, kernel, stride, padding, forward branch expected)
+    ((2, 9, 8, 3), 5, 3, 1, 1, "xor"),           # odd/even sizes
+    ((2, 16, 16, 4), 6, 3, 1, 1, "xor"),
+    ((2, 16, 16, 4), 6, 3, 2, 1, "xor"),          # strided
+    ((1, 9, 9, 2), 3, 3, 2, "VALID", "xor"),
+    ((2, 8, 8, 4), 8, 1, 2, 0, "xor"),            # 1x1 shortcut-style conv
+    ((2, 11, 10, 3), 4, 3, 2, "SAME", "int8"),    # TF 'SAME' at stride 2: asymmetric padding
+    ((1, 9, 8, 3), 5, 3, 2, ((2, 0), (0, 1)), "int8"),
+    ((2, 16, 16, 4), 6, 3, 1, ((1, 1), (0, 2)), "f32"),  # asymmetric, 16x16 output
 ]
 
 
-@pytest.mark.parametrize("shape,features,k,stride,padding,int8", CONVS)
+@pytest.mark.parametrize("shape,features,k,stride,padding,branch", CONVS)
 @pytest.mark.parametrize("activation,kernel_quantizer", [
     ("approx_sign", "magnitude_aware"), ("ste_sign", "official"), ("identity_sign", "sign")])
 def test_binary_conv_fast_path_matches_lax_conv_values_and_gradients(
-    shape, features, k, stride, padding, int8, activation, kernel_quantizer):
+    shape, features, k, stride, padding, branch, activation, kernel_quantizer):
   x = _x(*shape)
   conv = BinaryConv(features, (k, k), stride, padding=padding, input_quantizer=activation,
                     kernel_quantizer=kernel_quantizer, kernel_init="lecun_normal")
@@ -130,14 +139,14 @@ def test_binary_conv_fast_path_matches_lax_conv_values_and_gradients(
     y, vjp = jax.vjp(conv.apply, p, v)
     return y, vjp(g)
 
-  assert ("i8" in _traced(value_and_grads, params, x, fast=True)) == int8
-  assert "i8" not in _traced(value_and_grads, params, x, fast=False)
+  assert _branch(_traced(value_and_grads, params, x, fast=True)) == branch
+  assert _branch(_traced(value_and_grads, params, x, fast=False)) == "f32"
   (y_fast, grads_fast), (y_ref, grads_ref) = _both(value_and_grads, params, x)
   _close(y_fast, y_ref)
   _close(grads_fast, grads_ref)
 
 
-def test_int8_branch_is_at_least_as_exact_as_the_f32_conv():
+def test_xor_branch_is_at_least_as_exact_as_the_f32_conv():
   # ±1 inputs times ±α kernels: the exact result is α·(integer sum), computed in float64.
   x = _x(2, 7, 7, 64)
   conv = BinaryConv(16, (3, 3), 1, padding=1, kernel_init="lecun_normal")
@@ -147,6 +156,7 @@ def test_int8_branch_is_at_least_as_exact_as_the_f32_conv():
   xs = np.pad(np.where(np.asarray(x) >= 0, 1.0, -1.0), ((0, 0), (1, 1), (1, 1), (0, 0)))
   ws = np.where(kernel >= 0, 1.0, -1.0)
   exact = sum(xs[:, i:i + 7, j:j + 7, :] @ ws[i, j] for i in range(3) for j in range(3)) * alpha
+  assert _branch(_traced(conv.apply, params, x, fast=True)) == "xor"
   y_fast, y_ref = _both(conv.apply, params, x)
   err_fast = np.abs(np.asarray(y_fast, np.float64) - exact).max()
   err_ref = np.abs(np.asarray(y_ref, np.float64) - exact).max()
@@ -161,14 +171,14 @@ def test_non_binary_convs_keep_the_lax_conv(activation, kernel_quantizer):
   conv = BinaryConv(4, (3, 3), 2, padding=1, input_quantizer=activation,
                     kernel_quantizer=kernel_quantizer, kernel_init="lecun_normal")
   params = jax.jit(conv.init)(_key(0), x)
-  assert "i8" not in _traced(conv.apply, params, x, fast=True)
+  assert _branch(_traced(conv.apply, params, x, fast=True)) == "f32"
 
 
 def test_bfloat16_convs_keep_the_lax_conv():
   x = _x(1, 6, 6, 3)
   conv = BinaryConv(4, (3, 3), 2, padding=1, dtype=jnp.bfloat16, kernel_init="lecun_normal")
   params = jax.jit(conv.init)(_key(0), x)
-  assert "i8" not in _traced(conv.apply, params, x, fast=True)
+  assert _branch(_traced(conv.apply, params, x, fast=True)) == "f32"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,7 +203,7 @@ def test_tiny_bireal18_gradients_match_the_reference_paths(stem, size):
   labels = jnp.asarray([0, 3, 6])
   variables = jax.jit(model.init)(_key(5), images[:1])
   fn = functools.partial(_loss_and_grads, model)
-  assert "i8" in _traced(fn, variables, images, labels, fast=True)
+  assert _branch(_traced(fn, variables, images, labels, fast=True)) == "xor"
   fast, ref = _both(fn, variables, images, labels)
   _close(fast[0], ref[0], rtol=1e-5)
   _close(fast[1], ref[1], rtol=1e-4)  # 11 binary layers deep: reordered f32 sums compound
@@ -234,7 +244,7 @@ def test_fast_path_switch_restores_state():
 
 
 def test_quantizer_tuples_name_registered_binary_quantizers():
-  # The int8 path relies on these producing exactly ±1 / α·sign: keep them in the registry sets.
+  # The XOR and int8 paths rely on these producing exactly ±1 / α·sign: keep them registered.
   for fn in layers._PM1_ACTIVATIONS:
     name = next(n for n in quantizers.names() if quantizers.get(n) is fn)
     assert name in quantizers.BINARY_ACTIVATIONS

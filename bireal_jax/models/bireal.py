@@ -93,6 +93,7 @@ class BiRealNet(nn.Module):
     if self.stem == "imagenet":
       x = nn.Conv(self.base_width, (7, 7), (2, 2), padding="SAME" if same else [(3, 3), (3, 3)],
                   use_bias=False, dtype=self.dtype, kernel_init=torch_default_init,
+                  conv_general_dilated=layers.conv_general_dilated,
                   name="conv1")(x)
       x = norm(name="bn1")(x)
       # nn.max_pool's values and gradients; on CPU computed without reduce_window (faster).
@@ -100,6 +101,7 @@ class BiRealNet(nn.Module):
     else:
       x = nn.Conv(self.base_width, (3, 3), (1, 1), padding="SAME" if same else [(1, 1), (1, 1)],
                   use_bias=False, dtype=self.dtype, kernel_init=torch_default_init,
+                  conv_general_dilated=layers.conv_general_dilated,
                   name="conv1")(x)
       x = norm(name="bn1")(x)
 
