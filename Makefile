@@ -31,7 +31,8 @@ data:
 sysdeps:
 	@if [ -f /usr/include/dnnl.hpp ] && command -v g++ >/dev/null 2>&1; then echo "oneDNN + g++: present"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get install -y g++ libdnnl-dev || (apt-get update && apt-get install -y g++ libdnnl-dev)); \
+	  (apt-get install -y g++ libdnnl-dev || (apt-get update && apt-get install -y g++ libdnnl-dev) \
+	   || echo "could not install g++/libdnnl-dev: XLA's own convolutions will be used"); \
 	else echo "no apt here: install a C++ compiler and oneDNN headers for the fast CPU convolutions"; fi
 
 # larq-zoo (the converter test's peer) imports only with TF < 2.17 and Keras 2: own venv.

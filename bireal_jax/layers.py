@@ -243,7 +243,7 @@ _ALPHA_SIGN_WEIGHTS = (quantizers.magnitude_aware_sign, quantizers.official_magn
 
 def _use_onednn(x, w) -> bool:
   return (on_cpu() and x.dtype == jnp.float32 and w.dtype == jnp.float32
-          and onednn.available())
+          and onednn.active())
 
 
 def _conv_f32(x, w, strides, pads):

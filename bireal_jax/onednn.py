@@ -16,6 +16,7 @@ nothing else changes.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -95,8 +96,8 @@ def available() -> bool:
         logging.info("bireal_jax: compiling oneDNN convolutions into %s", path)
         _compile(path)
       # oneDNN runs on OpenMP threads; left spinning after each convolution they take the cores
-      # from XLA's own threads running the fusions in between (Bi-Real-18 train step under other
-      # load: medians 1.0-1.4 s passive vs 1.6-2.2 s spinning). Read once, when libgomp loads.
+      # from XLA's own threads running the fusions in between (Bi-Real-18 train step beside
+      # other processes: median 1.09 s passive vs 1.98 s spinning). Read once, at libgomp load.
       os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
       lib = ctypes.cdll.LoadLibrary(str(path))
       for name, symbol in _TARGETS.items():
@@ -107,6 +108,26 @@ def available() -> bool:
       reason = str(e)
   print(f"bireal_jax: oneDNN convolutions unavailable ({reason}); using XLA's", file=sys.stderr)
   return False
+
+
+_ENABLED = [True]
+
+
+def active() -> bool:
+  """True when the layers should use these convolutions: `available()` and not switched off."""
+  return _ENABLED[0] and available()
+
+
+@contextlib.contextmanager
+def enabled(on: bool):
+  """Switch the oneDNN convolutions on/off for functions traced inside the block (A/B tests);
+  the other CPU fast paths are unaffected (`layers.cpu_fast_paths` switches them all)."""
+  old = _ENABLED[0]
+  _ENABLED[0] = bool(on)
+  try:
+    yield
+  finally:
+    _ENABLED[0] = old
 
 
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]

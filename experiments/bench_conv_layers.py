@@ -6,10 +6,11 @@ The convolutions are read from the model itself (a jaxpr of its training forward
 fast paths off, so each is a plain `lax.conv_general_dilated`); identical geometries are timed
 once and counted. For each: the f32 forward, the input gradient dX (skipped for the stem, whose
 input needs none) and the weight gradient dW, each jitted alone with `--options` and timed
-interleaved with the whole library train step (`bench_model.Programs`, Adam, the same options),
-medians of `--repeats` (each timed call right after an untimed one of the same program). The table gives ms per call and GFLOP/s; the summary compares the sum
-with the step. The step's binary forwards may take the int8 path where it is faster, so the sum
-is of the plain f32 work the step would do without it.
+interleaved with the whole library train step on XLA's convolutions (`bench_model.Programs`
+paths "xla": the CPU fast paths but not oneDNN; Adam, the same options), medians of `--repeats`
+(each timed call right after an untimed one of the same program). The table gives ms per call
+and GFLOP/s; the summary compares the sum with the step. The step's binary forwards take the
+XOR/int8 paths, so the sum is of the plain f32 work the step would do without them.
 
 Run it under other `XLA_FLAGS` to try other convolution libraries: it reports how many of the
 compiled convolutions XLA left as plain `convolution` ops (its Eigen runtime) and how many went
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
         f"programs: {plain} convolutions run by XLA itself (Eigen), {fused} inside library "
         f"fusions (YNNPACK/XNNPACK/oneDNN)")
   step, args, n, advance = Programs(a.model, a.batch_size, a.image_size, a.num_classes).compile(
-      "train", "lib", a.options)
+      "train", "xla", a.options)
   args = jax.block_until_ready(advance(step, args))
   times = {k: [] for k in entries}
   step_times = []

@@ -7,8 +7,9 @@ medians of `--repeats` calls. Several variants are compiled in the same process 
 interleaved (A, B, A, B, ...), so load from other processes hits them alike; the ratio column
 compares each variant with the last one. Variants are `PATHS:OPTIONS`:
 
-  PATHS    lib   the library as shipped (CPU fast paths: int8 binary-conv forward where it pays,
-                 stem max-pool without reduce_window)
+  PATHS    lib   the library as shipped (CPU fast paths: oneDNN f32 convolutions and gradients,
+                 XOR/popcount binary-conv forward, stem max-pool without reduce_window)
+           xla   lib with XLA's own convolutions instead of oneDNN's (`onednn.enabled(False)`)
            ref   the same model traced with `layers.cpu_fast_paths(False)` (plain lax ops)
   OPTIONS  default  XLA's default compiler options
            cpu      `layers.cpu_compiler_options()` (Eigen instead of YNNPACK convolutions)
@@ -33,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bireal_jax import layers, models
+from bireal_jax import layers, models, onednn
 from machine import cores, cpu_model, cpu_seconds, loadavg
 
-DEFAULT_VARIANTS = {"train": "lib:cpu,lib:default,ref:default",
+DEFAULT_VARIANTS = {"train": "lib:cpu,xla:cpu,ref:cpu",
                     "eval": "lib:default,lib:cpu,ref:default",
                     "latency": "lib:default,ref:default"}
 
@@ -49,7 +50,7 @@ def compiler_options(name: str) -> dict:
   raise ValueError(f"unknown compiler options {name!r}; expected 'default' or 'cpu'")
 
 
-PATHS = ("lib", "ref")
+PATHS = ("lib", "xla", "ref")
 
 
 class Programs:
@@ -100,7 +101,7 @@ class Programs:
       n = images.shape[0]
     else:
       raise ValueError(f"unknown kind {kind!r}")
-    with layers.cpu_fast_paths(paths != "ref"):
+    with layers.cpu_fast_paths(paths != "ref"), onednn.enabled(paths != "xla"):
       compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options(options))
     return compiled, args, n, step
 

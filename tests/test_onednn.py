@@ -105,8 +105,14 @@ def test_layers_choose_onednn_only_on_the_cpu_fast_paths():
   fast = str(jax.make_jaxpr(train)(variables, x))
   with layers.cpu_fast_paths(False):
     ref = str(jax.make_jaxpr(lambda v, a: train(v, a))(variables, x))
+  with onednn.enabled(False):
+    xla = str(jax.make_jaxpr(lambda v, a: train(v, a))(variables, x))
+  assert onednn.active()  # the switch restored
   assert "bireal_onednn_conv_fwd" in fast and "conv_general_dilated" not in fast
   assert "bireal_onednn" not in ref and "conv_general_dilated" in ref
+  # oneDNN off, the other fast paths on: XLA's convolutions and the XOR binary forward.
+  assert "bireal_onednn" not in xla and "conv_general_dilated" in xla
+  assert "population_count" in xla
 
 
 @pytest.mark.parametrize("kwargs", [dict(kernel_dilation=2), dict(feature_group_count=2),
