@@ -130,24 +130,6 @@ def _window_slices(xp: jax.Array, window, strides, out_hw):
                     (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
 
 
-def _unslice(parts, window, strides, padded_hw, pads, hw):
-  """Transpose of `_window_slices` followed by cropping the padding: sums the parts back."""
-  (kh, kw), (sh, sw), (hp, wp) = window, strides, padded_hw
-  oh, ow = parts[0].shape[1:3]
-  total = None
-  for k, part in enumerate(parts):
-    i, j = divmod(k, kw)
-    # Interior padding undoes the stride; negative edge padding crops the pad rows/columns.
-    cfg = ((0, 0, 0),
-           (i - pads[0][0], hp - i - sh * (oh - 1) - 1 - pads[0][1], sh - 1),
-           (j - pads[1][0], wp - j - sw * (ow - 1) - 1 - pads[1][1], sw - 1),
-           (0, 0, 0))
-    placed = lax.pad(part, jnp.zeros((), part.dtype), cfg)
-    total = placed if total is None else total + placed
-  assert total.shape[1:3] == tuple(hw)
-  return total
-
-
 def _pool_geometry(shape, window, strides, pads):
   hp = shape[1] + pads[0][0] + pads[0][1]
   wp = shape[2] + pads[1][0] + pads[1][1]
@@ -284,10 +266,15 @@ def _int8_is_faster(x_shape, w_shape, strides, pads, f32_is_onednn: bool) -> boo
           or (max(strides) > 1 and not f32_is_onednn))
 
 
+def _alpha(wq):
+  """α per output channel of an HWIO kernel wq = α·sign(W)."""
+  return jnp.max(jnp.abs(wq), axis=(0, 1, 2))
+
+
 def _conv_pm1_int8(xq, wq, strides, pads):
   """`conv(xq, wq)` for xq ∈ {±1} and wq = α·sign, computed as an int8 im2col dot (exact sums)."""
   kh, kw, cin, cout = wq.shape
-  alpha = jnp.max(jnp.abs(wq), axis=(0, 1, 2))
+  alpha = _alpha(wq)
   ws = jnp.where(wq >= 0, jnp.int8(1), jnp.int8(-1)).reshape(kh * kw * cin, cout)
   x8 = xq.astype(jnp.int8)
   if (kh, kw) == (1, 1) and all(p == (0, 0) for p in pads):
@@ -306,9 +293,8 @@ def _conv_pm1_xor(xq, wq, stride: int, pad: int):
   """`conv(xq, wq)` for xq ∈ {±1} and wq = α·sign, as XOR + popcount on sign bits packed 32 to a
   word (`packed.xor_popcount_conv`: exact integer sums, zero padding corrected at the borders)."""
   from bireal_jax import packed  # packed imports this module
-  alpha = jnp.max(jnp.abs(wq), axis=(0, 1, 2))
   d = packed.xor_popcount_conv(xq, packed.pack_kernel(wq), stride, pad)
-  return d.astype(jnp.float32) * alpha
+  return d.astype(jnp.float32) * _alpha(wq)
 
 
 def _conv_pm1(xq, wq, strides, pads):
