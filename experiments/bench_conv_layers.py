@@ -6,8 +6,9 @@ The convolutions are read from the model itself (a jaxpr of its training forward
 fast paths off, so each is a plain `lax.conv_general_dilated`); identical geometries are timed
 once and counted. For each: the f32 forward, the input gradient dX (skipped for the stem, whose
 input needs none) and the weight gradient dW, each jitted alone with `--options` and timed
-interleaved with the whole library train step on XLA's convolutions (`bench_model.Programs`
-paths "xla": the CPU fast paths but not oneDNN; Adam, the same options), medians of `--repeats`
+interleaved with the whole library train step on the same convolutions (`bench_model.Programs`
+paths "xla" — the CPU fast paths but XLA's convolutions — or, with `--impl onednn`, the library
+as shipped; Adam, the same options), medians of `--repeats`
 (each timed call right after an untimed one of the same program). The table gives ms per call
 and GFLOP/s; the summary compares the sum with the step. The step's binary forwards take the
 XOR/int8 paths, so the sum is of the plain f32 work the step would do without them.
@@ -32,7 +33,7 @@ import numpy as np
 from jax import lax
 
 from bench_model import Programs, add_model_args, compiler_options, parse_model_args
-from bireal_jax import layers, models
+from bireal_jax import layers, models, onednn
 from machine import cores, cpu_model, loadavg
 
 
@@ -62,13 +63,17 @@ def model_convs(model_name: str, batch: int, size: int, num_classes: int) -> col
   return found
 
 
-def conv_programs(lhs, rhs, strides, padding, options: dict, stem: bool):
+def conv_programs(lhs, rhs, strides, padding, options: dict, stem: bool, impl: str = "xla"):
   """{part: (compiled, args, flops)} for the forward, dX and dW of one conv.
 
   `stem`: the conv reads the input images, so the train step needs no dX for it.
+  `impl`: "xla" (`lax.conv_general_dilated`) or "onednn" (`onednn.conv2d`, the CPU fast path).
   """
-  conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
-                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if impl == "onednn":
+    conv = lambda x, w: onednn.conv2d(x, w, strides, padding)  # noqa: E731
+  else:
+    conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,  # noqa: E731
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
   rng = np.random.default_rng(0)
   x = jnp.asarray(np.sign(rng.standard_normal(lhs)).astype(np.float32))
   w = jnp.asarray(rng.standard_normal(rhs).astype(np.float32))
@@ -111,11 +116,17 @@ def main(argv=None) -> None:
   add_model_args(ap, repeats=5)
   ap.add_argument("--options", choices=("cpu", "default"), default="cpu",
                   help="cpu = layers.cpu_compiler_options() (what the training loop uses)")
+  ap.add_argument("--impl", choices=("xla", "onednn"), default="xla",
+                  help="whose convolutions: XLA's, or the oneDNN custom calls the library uses "
+                       "on CPU (the step is then the library's as shipped)")
   a = parse_model_args(ap, argv)
+  if a.impl == "onednn" and not onednn.available():
+    ap.error(f"--impl onednn: oneDNN convolutions unavailable ({onednn._unavailable_reason()})")
   opts = compiler_options(a.options)
   print(f"jax {jax.__version__}  cpu {cpu_model()}  cores {cores()}  backend {jax.default_backend()}")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  compiler options {opts}")
-  print(f"model {a.model}  image {a.image_size}  batch {a.batch_size}  medians of {a.repeats}")
+  print(f"model {a.model}  image {a.image_size}  batch {a.batch_size}  medians of {a.repeats}  "
+        f"convolutions {a.impl}")
   print(f"load average before: {loadavg()}")
 
   convs = model_convs(a.model, a.batch_size, a.image_size, a.num_classes)
@@ -123,7 +134,7 @@ def main(argv=None) -> None:
   for (lhs, rhs, strides, padding), count in convs.items():
     name = f"{lhs[1]}x{lhs[2]}x{lhs[3]}->{rhs[3]} k{rhs[0]}x{rhs[1]} s{strides[0]}"
     progs = conv_programs(lhs, rhs, strides, padding, opts,
-                          stem=lhs == (a.batch_size, a.image_size, a.image_size, 3))
+                          stem=lhs == (a.batch_size, a.image_size, a.image_size, 3), impl=a.impl)
     for part, (c, args, flops) in progs.items():
       entries[(name, part)] = (c, args, flops, count)
       p, f = library_split(c)
@@ -132,7 +143,7 @@ def main(argv=None) -> None:
         f"programs: {plain} convolutions run by XLA itself (Eigen), {fused} inside library "
         f"fusions (YNNPACK/XNNPACK/oneDNN)")
   step, args, n, advance = Programs(a.model, a.batch_size, a.image_size, a.num_classes).compile(
-      "train", "xla", a.options)
+      "train", "xla" if a.impl == "xla" else "lib", a.options)
   args = jax.block_until_ready(advance(step, args))
   times = {k: [] for k in entries}
   step_times = []

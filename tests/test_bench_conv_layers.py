@@ -4,10 +4,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import bench_conv_layers as bcl  # noqa: E402
+
+from bireal_jax import onednn  # noqa: E402
 
 
 def test_model_convs_lists_every_convolution_of_bireal18():
@@ -20,10 +23,14 @@ def test_model_convs_lists_every_convolution_of_bireal18():
   assert sum(c for k, c in convs.items() if k[1][:2] == (1, 1)) == 3
 
 
-def test_conv_programs_compute_the_gradients_of_the_convolution():
+@pytest.mark.parametrize("impl", ["xla", pytest.param("onednn", marks=pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not onednn.available(),
+    reason="oneDNN convolutions are CPU-only and need g++ + libdnnl-dev (make sysdeps)"))])
+def test_conv_programs_compute_the_gradients_of_the_convolution(impl):
   (lhs, rhs, strides, padding), = [k for k in bcl.model_convs("bireal18", 2, 32, 10)
                                    if k[1][:2] == (3, 3) and k[2] == (2, 2)][:1]
-  progs = bcl.conv_programs(lhs, rhs, strides, padding, {}, stem=False)
+  progs = bcl.conv_programs(lhs, rhs, strides, padding, {}, stem=False, impl=impl)
+  assert ("bireal_onednn" in progs["fwd"][0].as_text()) == (impl == "onednn")
   assert set(progs) == {"fwd", "dX", "dW"}
   (c, (x, w, g), flops) = progs["dW"]
   conv = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,
