@@ -65,28 +65,16 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
 #endif
 }
 
-dnnl::convolution_backward_data::primitive_desc BackwardDataPd(
+// The two backward passes take the same arguments: (diff_)src, (diff_)weights, diff_dst.
+template <typename Primitive>
+typename Primitive::primitive_desc BackwardPd(
     const Geometry& g, const dnnl::convolution_forward::primitive_desc& hint) {
 #if DNNL_VERSION_MAJOR >= 3
   return {Engine(), dnnl::algorithm::convolution_direct, g.x_md(), g.k_any_md(), g.y_md(),
           g.strides(), g.pad_l(), g.pad_r(), hint, UserScratchpad()};
 #else
-  dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.x_md(),
-                                          g.k_any_md(), g.y_md(), g.strides(), g.pad_l(),
-                                          g.pad_r());
-  return {d, UserScratchpad(), Engine(), hint};
-#endif
-}
-
-dnnl::convolution_backward_weights::primitive_desc BackwardWeightsPd(
-    const Geometry& g, const dnnl::convolution_forward::primitive_desc& hint) {
-#if DNNL_VERSION_MAJOR >= 3
-  return {Engine(), dnnl::algorithm::convolution_direct, g.x_md(), g.k_any_md(), g.y_md(),
-          g.strides(), g.pad_l(), g.pad_r(), hint, UserScratchpad()};
-#else
-  dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.x_md(),
-                                             g.k_any_md(), g.y_md(), g.strides(), g.pad_l(),
-                                             g.pad_r());
+  typename Primitive::desc d(dnnl::algorithm::convolution_direct, g.x_md(), g.k_any_md(),
+                             g.y_md(), g.strides(), g.pad_l(), g.pad_r());
   return {d, UserScratchpad(), Engine(), hint};
 #endif
 }
@@ -110,9 +98,9 @@ const Primitives& Get(const Geometry& g) {
     auto p = std::make_unique<Primitives>();
     p->fwd_pd = ForwardPd(g);
     p->fwd = dnnl::convolution_forward(p->fwd_pd);
-    p->bwd_data_pd = BackwardDataPd(g, p->fwd_pd);
+    p->bwd_data_pd = BackwardPd<dnnl::convolution_backward_data>(g, p->fwd_pd);
     p->bwd_data = dnnl::convolution_backward_data(p->bwd_data_pd);
-    p->bwd_weights_pd = BackwardWeightsPd(g, p->fwd_pd);
+    p->bwd_weights_pd = BackwardPd<dnnl::convolution_backward_weights>(g, p->fwd_pd);
     p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
     slot = std::move(p);
   }
