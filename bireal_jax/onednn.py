@@ -1,11 +1,11 @@
 """oneDNN convolutions for XLA:CPU training steps, as `jax.ffi` custom calls (CPU only).
 
-XLA:CPU runs convolutions with Eigen (or YNNPACK); on Bi-Real-18 they are ~80 % of a float
+XLA:CPU runs convolutions with Eigen (or YNNPACK); on Bi-Real-18 they are most of a float
 train step, and the stem and weight gradients run far below the matmul rate. oneDNN's direct
 convolutions (what TensorFlow and PyTorch use on CPUs) run the same shapes close to it, so on
 the CPU `conv2d` computes the forward pass, input gradient and kernel gradient of NHWC/HWIO f32
 convolutions with them. GPUs and TPUs never see this module: `layers` only calls it when the
-default backend is the CPU and `available()` is true.
+default backend is the CPU and `active()` is true.
 
 The C++ source (`csrc/onednn_conv.cc`, oneDNN 2.x or 3.x API) is compiled on first use with the
 system compiler against oneDNN's headers — Debian/Ubuntu: `apt-get install g++ libdnnl-dev`
