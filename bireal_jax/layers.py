@@ -217,7 +217,8 @@ def max_pool(x: jax.Array, window: Sequence[int] = (3, 3), strides: Sequence[int
 
 
 # Binary activations whose forward output is exactly ±1, and weight quantizers whose output is
-# exactly α·sign(W) with α > 0 per output channel (α = 1 for "sign"): what the int8 path needs.
+# exactly α·sign(W) with α > 0 per output channel (α = 1 for "sign"): what the XOR and int8
+# paths need.
 _PM1_ACTIVATIONS = (quantizers.approx_sign, quantizers.ste_sign, quantizers.identity_sign)
 _ALPHA_SIGN_WEIGHTS = (quantizers.magnitude_aware_sign, quantizers.official_magnitude_sign,
                        quantizers.sign_weight)
