@@ -100,7 +100,8 @@ def main(argv=None) -> None:
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.repeats
     jax.profiler.stop_trace()
     events = trace_events(trace_dir)
-  res = summarise(events, hlo_index(compiled.as_text()), args.repeats)
+  index = hlo_index(compiled.as_text())
+  res = summarise(events, index, args.repeats)
 
   total = sum(res["kind"].values())
   print(f"\nper step: {wall_ms:.0f} ms wall under the profiler, {total:.0f} ms in compiled ops")
@@ -111,7 +112,6 @@ def main(argv=None) -> None:
   for shape, ms in res["shape"].most_common(args.top):
     print(f"| {shape} | {ms:.1f} |")
   print("\n| op | output type | ms per step |\n|---|---|---|")
-  index = hlo_index(compiled.as_text())
   for name, ms in res["op"].most_common(args.top):
     print(f"| {name} | {index[name][0]} | {ms:.1f} |")
   print(f"\nload average after: {loadavg()}")
