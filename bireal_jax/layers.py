@@ -73,8 +73,11 @@ def _padding(padding: PaddingLike, n: int):
 # ---------------------------------------------------------------------------------------------
 # CPU fast paths, chosen by backend at trace time so that GPU/TPU keep the plain lax ops.
 #  * Max-pool: XLA:CPU lowers the gradient of a `reduce_window` max to an argmax reduce-window
-#    over four s32 index arrays plus a scatter; strided slices and an int8 argmax give the same
-#    values and gradients in a few fused, vectorised loops.
+#    over four s32 index arrays plus a scatter. oneDNN's pooling (`onednn.max_pool2d`) keeps a
+#    one-byte argmax and reads each tensor once; without oneDNN, strided slices and an int8
+#    argmax give the same values and gradients in a few fused loops.
+#  * BatchNorm (training): a hand-written backward (`BatchNorm`) that never writes x − μ or x̂
+#    out, which autodiff of flax's ops makes XLA do once per layer.
 #  * f32 convolutions (forward and both gradients): oneDNN's kernels through `jax.ffi` custom
 #    calls (`onednn.py`) when they could be built here, ~1.4x faster than XLA's own on Bi-Real-18.
 #  * Binary convolutions: ±1 inputs times ±1 kernel signs are exact integers, computed as XOR +
@@ -213,6 +216,9 @@ def max_pool(x: jax.Array, window: Sequence[int] = (3, 3), strides: Sequence[int
     pads = tuple(tuple(p) for p in padding)
   if not on_cpu() or not jnp.issubdtype(x.dtype, jnp.floating):
     return nn.max_pool(x, window, strides, padding=pads)
+  if (x.dtype == jnp.float32 and onednn.active() and window[0] * window[1] <= 256
+      and all(max(p) < min(window) for p in pads)):
+    return onednn.max_pool2d(x, window, strides, pads)
   return _max_pool_sliced(x, window, strides, pads, tuple(x.shape))
 
 
@@ -391,6 +397,85 @@ class BinaryConv(nn.Module):
     return y
 
 
+def _bn_stats(x, axis_name):
+  """Flax's fast-variance batch statistics: mean and max(0, E[x²] − E[x]²) over N, H, W."""
+  axes = tuple(range(x.ndim - 1))
+  mu, mu2 = jnp.mean(x, axes), jnp.mean(x * x, axes)
+  if axis_name is not None:
+    mu, mu2 = lax.pmean(jnp.stack([mu, mu2]), axis_name)
+  return mu, jnp.maximum(0.0, mu2 - mu * mu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn_train(x, scale, bias, epsilon, axis_name):
+  mu, var = _bn_stats(x, axis_name)
+  return (x - mu) * (lax.rsqrt(var + epsilon) * scale) + bias, mu, var
+
+
+def _bn_train_fwd(x, scale, bias, epsilon, axis_name):
+  mu, var = _bn_stats(x, axis_name)
+  inv = lax.rsqrt(var + epsilon)
+  # Keeps x (alive anyway as the conv output) rather than x − μ, which autodiff would write in
+  # the forward pass: one pass over the activation less per BatchNorm.
+  return ((x - mu) * (inv * scale) + bias, mu, var), (x, mu, inv, scale)
+
+
+def _bn_train_bwd(epsilon, axis_name, res, cts):
+  """The usual closed form: dx = γ·inv·(g − mean(g) − x̂·mean(g·x̂)), means over all replicas.
+
+  The cotangents of the returned statistics are ignored: `BatchNorm` stops their gradient (they
+  only feed the running averages)."""
+  x, mu, inv, scale = res
+  g = cts[0]
+  axes = tuple(range(x.ndim - 1))
+  # Σ g·x̂ as inv·(Σ g·x − μ·Σ g): two plain reductions over the inputs XLA already has, so x̂ is
+  # never written out (it would be, as the operand of the reduction).
+  dbias = jnp.sum(g, axes)
+  dscale = (jnp.sum(g * x, axes) - mu * dbias) * inv
+  count = x.size // x.shape[-1]
+  mg, mgx = dbias, dscale
+  if axis_name is not None:
+    mg, mgx = lax.psum(jnp.stack([mg, mgx]), axis_name)
+    count = count * lax.psum(1, axis_name)
+  dx = (scale * inv) * (g - mg / count - (x - mu) * (inv * mgx / count))
+  return dx, dscale, dbias
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
+class BatchNorm(nn.BatchNorm):
+  """`nn.BatchNorm` (same options, variables and values) with a CPU fast path for training.
+
+  On the CPU, training-mode normalisation over N, H, W of an f32 NHWC input uses a hand-written
+  backward (`_bn_train`), which keeps the conv output instead of making XLA write x − μ in the
+  forward pass. Every other case (eval, init, masks, other axes or dtypes, GPU/TPU) is
+  `nn.BatchNorm` itself.
+  """
+
+  @nn.compact
+  def __call__(self, x, use_running_average: Optional[bool] = None, *, mask=None):
+    use_ra = nn.merge_param("use_running_average", self.use_running_average,
+                            use_running_average)
+    fast = (on_cpu() and not use_ra and not self.is_initializing() and mask is None
+            and self.axis in (-1, (-1,), x.ndim - 1) and self.axis_index_groups is None
+            and self.use_fast_variance and self.use_scale and self.use_bias
+            and self.force_float32_reductions and x.dtype == jnp.float32
+            and self.param_dtype == jnp.float32 and self.dtype in (None, jnp.float32))
+    if not fast:
+      return super().__call__(x, use_running_average, mask=mask)
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+    y, mu, var = _bn_train(x, scale, bias, self.epsilon, self.axis_name)
+    mu, var = lax.stop_gradient(mu), lax.stop_gradient(var)
+    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mu
+    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y
+
+
 def _avg_pool(x: jax.Array, s: int) -> jax.Array:
   """s×s average pool, stride s. On even sizes this is PyTorch's `AvgPool2d(s, s)`; on odd sizes
   the edge window is averaged over its valid pixels, so it matches a stride-s conv's output size."""
@@ -404,7 +489,7 @@ class Downsample(nn.Module):
 
   features: int
   strides: int = 2
-  norm: Callable = nn.BatchNorm
+  norm: Callable = BatchNorm
   dtype: Optional[Dtype] = None
 
   @nn.compact
@@ -431,7 +516,7 @@ class BiRealBlock(nn.Module):
   activation: QuantizerSpec = "approx_sign"
   kernel_quantizer: QuantizerSpec = "magnitude_aware"
   kernel_init: Union[str, Callable] = "official"
-  norm: Callable = nn.BatchNorm
+  norm: Callable = BatchNorm
   shortcut: bool = True
   dtype: Optional[Dtype] = None
   padding: PaddingLike = 1  # of the 3×3 conv; "SAME" = TF/Keras 'same' (larq-zoo)
@@ -466,7 +551,7 @@ class BiRealBottleneck(nn.Module):
   activation: QuantizerSpec = "approx_sign"
   kernel_quantizer: QuantizerSpec = "magnitude_aware"
   kernel_init: Union[str, Callable] = "official"
-  norm: Callable = nn.BatchNorm
+  norm: Callable = BatchNorm
   dtype: Optional[Dtype] = None
   padding: PaddingLike = 1  # of the 3×3 conv (1×1 convs need none); "SAME" = TF/Keras 'same'
 

@@ -1,17 +1,18 @@
-"""oneDNN convolutions for XLA:CPU training steps, as `jax.ffi` custom calls (CPU only).
+"""oneDNN convolutions and max-pooling for XLA:CPU training steps, as `jax.ffi` custom calls.
 
 XLA:CPU runs convolutions with Eigen (or YNNPACK); on Bi-Real-18 they are most of a float
 train step, and the stem and weight gradients run far below the matmul rate. oneDNN's direct
 convolutions (what TensorFlow and PyTorch use on CPUs) run the same shapes close to it, so on
 the CPU `conv2d` computes the forward pass, input gradient and kernel gradient of NHWC/HWIO f32
 convolutions with them. GPUs and TPUs never see this module: `layers` only calls it when the
-default backend is the CPU and `active()` is true.
+default backend is the CPU and `active()` is true. `max_pool2d` does the same for max-pooling,
+whose gradient XLA:CPU otherwise recomputes from the input in every fused consumer.
 
-The C++ source (`csrc/onednn_conv.cc`, oneDNN 2.x or 3.x API) is compiled on first use with the
+The C++ source (`csrc/onednn_ops.cc`, oneDNN 2.x or 3.x API) is compiled on first use with the
 system compiler against oneDNN's headers — Debian/Ubuntu: `apt-get install g++ libdnnl-dev`
 (`make sysdeps`); elsewhere set `BIREAL_ONEDNN_ROOT` to a prefix with `include/dnnl.hpp` and
 `lib/libdnnl.so` — and cached under `$BIREAL_JAX_CACHE` (default `~/.cache/bireal_jax`). Without
-them, or with `BIREAL_ONEDNN=0`, `available()` is false and XLA's own convolutions are used;
+them, or with `BIREAL_ONEDNN=0`, `available()` is false and XLA's own ops are used;
 nothing else changes.
 """
 from __future__ import annotations
@@ -33,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCE = Path(__file__).with_name("csrc") / "onednn_conv.cc"
-_TARGETS = {"fwd": "BirealOnednnConvFwd", "bwd_data": "BirealOnednnConvBwdData",
-            "bwd_kernel": "BirealOnednnConvBwdKernel"}
+_SOURCE = Path(__file__).with_name("csrc") / "onednn_ops.cc"
+_TARGETS = {"conv_fwd": "BirealOnednnConvFwd", "conv_bwd_data": "BirealOnednnConvBwdData",
+            "conv_bwd_kernel": "BirealOnednnConvBwdKernel", "pool_fwd": "BirealOnednnPoolFwd",
+            "pool_bwd": "BirealOnednnPoolBwd"}
 _HEADER_DIRS = ("/usr/include", "/usr/local/include")
 
 
@@ -69,7 +71,7 @@ def _library_path() -> Path:
   # Keyed by the source, jax version (the FFI headers come from jaxlib) and oneDNN location.
   key = hashlib.sha256(_SOURCE.read_bytes() + jax.__version__.encode()
                        + " ".join(_root_flags()).encode()).hexdigest()[:16]
-  return _cache_dir() / f"onednn_conv-{key}.so"
+  return _cache_dir() / f"onednn_ops-{key}.so"
 
 
 def _unavailable_reason() -> str | None:
@@ -93,7 +95,7 @@ def available() -> bool:
     try:
       path = _library_path()
       if not path.exists():
-        logging.info("bireal_jax: compiling oneDNN convolutions into %s", path)
+        logging.info("bireal_jax: compiling the oneDNN custom calls into %s", path)
         _compile(path)
       # oneDNN runs on OpenMP threads; left spinning after each convolution they take the cores
       # from XLA's own threads running the fusions in between (Bi-Real-18 train step beside
@@ -101,12 +103,13 @@ def available() -> bool:
       os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
       lib = ctypes.cdll.LoadLibrary(str(path))
       for name, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(f"bireal_onednn_conv_{name}",
+        jax.ffi.register_ffi_target(f"bireal_onednn_{name}",
                                     jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
       return True
     except (OSError, RuntimeError, AttributeError) as e:
       reason = str(e)
-  print(f"bireal_jax: oneDNN convolutions unavailable ({reason}); using XLA's", file=sys.stderr)
+  print(f"bireal_jax: oneDNN custom calls unavailable ({reason}); using XLA's ops",
+        file=sys.stderr)
   return False
 
 
@@ -114,13 +117,13 @@ _ENABLED = [True]
 
 
 def active() -> bool:
-  """True when the layers should use these convolutions: `available()` and not switched off."""
+  """True when the layers should use these custom calls: `available()` and not switched off."""
   return _ENABLED[0] and available()
 
 
 @contextlib.contextmanager
 def enabled(on: bool):
-  """Switch the oneDNN convolutions on/off for functions traced inside the block (A/B tests);
+  """Switch the oneDNN custom calls on/off for functions traced inside the block (A/B tests);
   the other CPU fast paths are unaffected (`layers.cpu_fast_paths` switches them all)."""
   old = _ENABLED[0]
   _ENABLED[0] = bool(on)
@@ -198,3 +201,48 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads) 
     raise ValueError(f"kernel {kernel.shape[:2]} with padding {pads} does not fit input "
                      f"{x.shape[1:3]}")
   return _conv(x, kernel, strides, pads)
+
+
+def _pool_attrs(window, strides, pads):
+  return dict(kh=np.int64(window[0]), kw=np.int64(window[1]), **_attrs(strides, pads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, pads):
+  return _max_pool_fwd(x, window, strides, pads)[0]
+
+
+def _max_pool_fwd(x, window, strides, pads):
+  n, _, _, c = x.shape
+  oh, ow = out_hw(x.shape, window, strides, pads)
+  y, ws = jax.ffi.ffi_call("bireal_onednn_pool_fwd",
+                           (jax.ShapeDtypeStruct((n, oh, ow, c), jnp.float32),
+                            jax.ShapeDtypeStruct((n, oh, ow, c), jnp.uint8)),
+                           vmap_method="sequential")(x, **_pool_attrs(window, strides, pads))
+  return y, (ws, x.shape)
+
+
+def _max_pool_bwd(window, strides, pads, res, dy):
+  ws, x_shape = res
+  dx = jax.ffi.ffi_call("bireal_onednn_pool_bwd", jax.ShapeDtypeStruct(x_shape, jnp.float32),
+                        vmap_method="sequential")(dy, ws, **_pool_attrs(window, strides, pads))
+  return (dx,)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool2d(x: jax.Array, window: Sequence[int], strides: Sequence[int], pads: Pads):
+  """NHWC f32 max-pool with explicit padding (padding never wins), via oneDNN; its gradient goes
+  to each window's first maximum in row-major order, as `nn.max_pool`'s does. Windows of at most
+  256 taps (the one-byte workspace); call it only when `available()`."""
+  if x.dtype != jnp.float32 or x.ndim != 4:
+    raise TypeError(f"oneDNN max_pool2d takes NHWC float32 input, got {x.dtype} {x.shape}")
+  window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
+  pads = tuple((int(a), int(b)) for a, b in pads)
+  if window[0] * window[1] > 256 or max(max(p) for p in pads) >= min(window):
+    raise ValueError(f"window {window} with padding {pads}: expected at most 256 taps and "
+                     f"padding smaller than the window")
+  if min(out_hw(x.shape, window, strides, pads)) < 1:
+    raise ValueError(f"window {window} with padding {pads} does not fit input {x.shape[1:3]}")
+  return _max_pool(x, window, strides, pads)

@@ -1,5 +1,5 @@
-"""CPU fast paths (XOR/popcount and int8 binary-conv forwards, oneDNN f32 convs, sliced max-pool,
-compiler options) against the plain lax reference paths: same values and gradients to float
+"""CPU fast paths (XOR/popcount and int8 binary-conv forwards, oneDNN f32 convs, oneDNN and sliced
+max-pools, the BatchNorm backward, compiler options) against the plain lax reference paths: same values and gradients to float
 tolerance, ties routed alike."""
 import functools
 
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from bireal_jax import layers, models, quantizers
+from bireal_jax import layers, models, onednn, quantizers
 from bireal_jax.layers import BinaryConv
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
@@ -74,15 +74,22 @@ POOLS = [
 
 @pytest.mark.parametrize("shape,window,strides,padding", POOLS)
 @pytest.mark.parametrize("ties", [False, True])
-def test_max_pool_values_and_gradients_match_nn_max_pool(shape, window, strides, padding, ties):
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_max_pool_values_and_gradients_match_nn_max_pool(shape, window, strides, padding, ties,
+                                                         use_onednn):
   x = _x(*shape)
   if ties:  # few distinct values: most windows hold several equal maxima
     x = jnp.round(x)
   ref = lambda v: nn.max_pool(v, window, strides, padding=padding)
   new = lambda v: layers.max_pool(v, window, strides, padding)
-  assert "reduce_window_max" not in _traced(new, x, fast=True)
+  with onednn.enabled(use_onednn):
+    jaxpr = _traced(new, x, fast=True)
+    y_new, vjp_new = jax.vjp(new, x)
+  assert "reduce_window_max" not in jaxpr
+  # oneDNN takes every geometry here but the one whose padding reaches the window size.
+  wants_onednn = use_onednn and onednn.available() and padding != ((0, 1), (2, 0))
+  assert ("bireal_onednn_pool_fwd" in jaxpr) == wants_onednn
   y_ref, vjp_ref = jax.vjp(ref, x)
-  y_new, vjp_new = jax.vjp(new, x)
   np.testing.assert_array_equal(y_new, y_ref)
   # Integer cotangents: every gradient entry is an exact small sum, so routing must match exactly.
   g = jnp.asarray(np.random.default_rng(1).integers(1, 50, y_ref.shape).astype(np.float32))
@@ -106,6 +113,67 @@ def test_max_pool_reference_path_off_cpu_fast_paths():
 def test_max_pool_rejects_bad_ranks():
   with pytest.raises(ValueError, match="NHWC"):
     layers.max_pool(jnp.zeros((4, 4, 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm
+# ------------------------------------------------------------------------------------------------
+
+def _bn_outputs(cls, x, g, **kw):
+  """Output, updated batch stats and gradients (x, scale, bias) of a training-mode BatchNorm."""
+  m = cls(use_running_average=False, momentum=0.9, **kw)
+  c = x.shape[-1]
+  params = {"scale": jnp.linspace(0.5, 2.0, c), "bias": jnp.linspace(-1.0, 1.0, c)}
+  stats = {"mean": jnp.full((c,), 0.3), "var": jnp.full((c,), 2.0)}
+
+  def f(p, v):
+    y, upd = m.apply({"params": p, "batch_stats": stats}, v, mutable=["batch_stats"])
+    return jnp.sum(y * g), (y, upd["batch_stats"])
+  (_, (y, upd)), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
+  return y, upd, grads
+
+
+def test_batchnorm_fast_path_matches_nn_batchnorm():
+  x = _x(4, 5, 6, 8) * 3.0 + 1.0
+  g = _x(4, 5, 6, 8, seed=2)
+  fast = jax.jit(lambda a, b: _bn_outputs(layers.BatchNorm, a, b))
+  m = layers.BatchNorm(use_running_average=False)
+  variables = m.init(_key(), x)
+  forward = str(jax.make_jaxpr(lambda v: m.apply(variables, v, mutable=["batch_stats"]))(x))
+  assert "custom_vjp_call" in forward  # the hand-written backward, not autodiff of flax's ops
+  _close(fast(x, g), _bn_outputs(nn.BatchNorm, x, g), rtol=1e-5)
+
+
+def test_batchnorm_fast_path_averages_statistics_and_gradients_across_replicas():
+  n = min(jax.local_device_count(), 4)
+  if n < 2:
+    pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  x = _x(n, 2, 3, 3, 4) * 2.0 - 0.5
+  g = _x(n, 2, 3, 3, 4, seed=3)
+  out = [jax.pmap(lambda a, b: _bn_outputs(cls, a, b, axis_name="r"), axis_name="r")(x, g)
+         for cls in (layers.BatchNorm, nn.BatchNorm)]
+  _close(out[0], out[1], rtol=1e-5)
+  # And the global statistics equal one device's over the whole batch.
+  whole = _bn_outputs(nn.BatchNorm, x.reshape(-1, 3, 3, 4), g.reshape(-1, 3, 3, 4))
+  _close(out[0][1], jax.tree.map(lambda v: jnp.broadcast_to(v, (n,) + v.shape), whole[1]),
+         rtol=1e-5)
+
+
+def test_batchnorm_keeps_flax_paths_for_eval_init_and_other_cases():
+  x = _x(2, 3, 3, 4)
+  m = layers.BatchNorm(use_running_average=False)
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda v: m.init(_key(), v))(x))
+  variables = m.init(_key(), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, nn.BatchNorm(use_running_average=False).init(_key(), x))
+  ev = layers.BatchNorm(use_running_average=True)
+  np.testing.assert_array_equal(ev.apply(variables, x),
+                                nn.BatchNorm(use_running_average=True).apply(variables, x))
+  for other in (_traced(lambda v: m.apply(variables, v, mutable=["batch_stats"]), x, fast=False),
+                str(jax.make_jaxpr(lambda v: layers.BatchNorm(
+                    use_running_average=False, use_fast_variance=False).apply(
+                        variables, v, mutable=["batch_stats"]))(x))):
+    assert "custom_vjp_call" not in other
 
 
 # ------------------------------------------------------------------------------------------------

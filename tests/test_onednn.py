@@ -97,6 +97,50 @@ def test_conv2d_rejects_bad_input():
     onednn.conv2d(x, jnp.ones((7, 7, 3, 4)), (1, 1), ((0, 0), (0, 0)))
 
 
+POOLS = [  # (x shape, window, strides, pads)
+    ((2, 9, 11, 5), (3, 3), (2, 2), ((1, 1), (1, 1))),   # stem geometry, odd sizes
+    ((2, 8, 8, 3), (2, 2), (2, 2), ((0, 0), (0, 0))),
+    ((1, 10, 7, 4), (3, 2), (1, 2), ((1, 0), (0, 1))),   # asymmetric window, stride and pads
+]
+
+
+@pytest.mark.parametrize("x_shape,window,strides,pads", POOLS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool2d_values_and_gradients_match_nn_max_pool(x_shape, window, strides, pads, ties):
+  x = _rand(x_shape, 3)
+  if ties:  # few distinct values: most windows hold several equal maxima
+    x = jnp.round(x)
+  ref = lambda v: nn.max_pool(v, window, strides, padding=pads)  # noqa: E731
+  y_ref, vjp_ref = jax.vjp(ref, x)
+  y, vjp = jax.vjp(lambda v: onednn.max_pool2d(v, window, strides, pads), x)
+  np.testing.assert_array_equal(y, y_ref)
+  # Integer cotangents: exact sums, so the routing to the first maximum must match exactly.
+  g = jnp.asarray(np.random.default_rng(1).integers(1, 50, y_ref.shape).astype(np.float32))
+  np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+
+
+def test_max_pool2d_lowers_to_the_custom_calls_and_maps():
+  pads = ((1, 1), (1, 1))
+  f = lambda v: onednn.max_pool2d(v, (3, 3), (2, 2), pads)  # noqa: E731
+  x = _rand((4, 2, 9, 9, 3), 4)
+  hlo = jax.jit(jax.grad(lambda v: f(v).sum())).lower(x[0]).as_text()
+  assert "bireal_onednn_pool_fwd" in hlo and "bireal_onednn_pool_bwd" in hlo
+  ref = jax.vmap(lambda v: nn.max_pool(v, (3, 3), (2, 2), padding=pads))(x)
+  n = min(jax.local_device_count(), 4)
+  np.testing.assert_array_equal(jax.pmap(f)(x[:n]), ref[:n])
+  np.testing.assert_array_equal(jax.jit(jax.vmap(f))(x), ref)
+
+
+def test_max_pool2d_rejects_bad_input():
+  x = jnp.ones((1, 6, 6, 2))
+  with pytest.raises(TypeError, match="float32"):
+    onednn.max_pool2d(x.astype(jnp.bfloat16), (3, 3), (2, 2), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="padding smaller than the window"):
+    onednn.max_pool2d(x, (2, 2), (2, 2), ((2, 2), (0, 0)))
+  with pytest.raises(ValueError, match="does not fit"):
+    onednn.max_pool2d(x, (9, 9), (1, 1), ((0, 0), (0, 0)))
+
+
 def test_layers_choose_onednn_only_on_the_cpu_fast_paths():
   model = models.get("bireal18", num_classes=5, base_width=8, stem="imagenet")
   x = _rand((2, 32, 32, 3), 3)

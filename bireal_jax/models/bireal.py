@@ -84,7 +84,7 @@ class BiRealNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     self._check(x)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype, param_dtype=self.param_dtype,
                              axis_name=self.axis_name)

@@ -1,4 +1,5 @@
-// oneDNN 2-D convolutions (NHWC input, HWIO kernel, f32) as XLA FFI custom calls for the CPU.
+// oneDNN 2-D convolutions (NHWC input, HWIO kernel, f32) and max-pooling (NHWC f32) as XLA FFI
+// custom calls for the CPU.
 //
 // Why: XLA:CPU's own convolutions (Eigen) run Bi-Real-18's train step at ~330 GFLOP/s on average
 // and its stem and weight gradients far lower; oneDNN's direct convolutions run the same shapes
@@ -199,6 +200,119 @@ ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   return ffi::Error::Success();
 }
 
+// ----- Max-pooling --------------------------------------------------------------------------
+// XLA:CPU fuses a strided-slice max-pool and its gradient into loops that recompute the argmax
+// from the input in every consumer; oneDNN's pooling keeps it as a one-byte workspace (the first
+// maximum of each window, in row-major order, as XLA's select_and_scatter) and reads each tensor
+// once in each direction.
+struct PoolGeometry {
+  int64_t n, h, w, c, oh, ow, kh, kw, sh, sw, pt, pb, pl, pr;
+  auto key() const { return std::make_tuple(n, h, w, c, oh, ow, kh, kw, sh, sw, pt, pb, pl, pr); }
+  memory::desc x_md() const { return {{n, c, h, w}, memory::data_type::f32, tag::nhwc}; }
+  memory::desc y_md() const { return {{n, c, oh, ow}, memory::data_type::f32, tag::nhwc}; }
+};
+
+struct PoolPrimitives {
+  dnnl::pooling_forward::primitive_desc fwd_pd;
+  dnnl::pooling_forward fwd;
+  dnnl::pooling_backward::primitive_desc bwd_pd;
+  dnnl::pooling_backward bwd;
+};
+
+const PoolPrimitives& GetPool(const PoolGeometry& g) {
+  static std::mutex mu;
+  static std::map<decltype(g.key()), std::unique_ptr<PoolPrimitives>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[g.key()];
+  if (!slot) {
+    auto p = std::make_unique<PoolPrimitives>();
+    const memory::dims strides{g.sh, g.sw}, kernel{g.kh, g.kw}, pad_l{g.pt, g.pl},
+        pad_r{g.pb, g.pr};
+#if DNNL_VERSION_MAJOR >= 3
+    p->fwd_pd = {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max,
+                 g.x_md(), g.y_md(), strides, kernel, memory::dims{0, 0}, pad_l, pad_r,
+                 UserScratchpad()};
+    p->bwd_pd = {Engine(), dnnl::algorithm::pooling_max, g.x_md(), g.y_md(), strides, kernel,
+                 memory::dims{0, 0}, pad_l, pad_r, p->fwd_pd, UserScratchpad()};
+#else
+    dnnl::pooling_forward::desc fd(dnnl::prop_kind::forward_training,
+                                   dnnl::algorithm::pooling_max, g.x_md(), g.y_md(), strides,
+                                   kernel, pad_l, pad_r);
+    p->fwd_pd = {fd, UserScratchpad(), Engine()};
+    dnnl::pooling_backward::desc bd(dnnl::algorithm::pooling_max, g.x_md(), g.y_md(), strides,
+                                    kernel, pad_l, pad_r);
+    p->bwd_pd = {bd, UserScratchpad(), Engine(), p->fwd_pd};
+#endif
+    p->fwd = dnnl::pooling_forward(p->fwd_pd);
+    p->bwd = dnnl::pooling_backward(p->bwd_pd);
+    slot = std::move(p);
+  }
+  return *slot;
+}
+
+PoolGeometry PoolFromShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, int64_t kh,
+                            int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                            int64_t pl, int64_t pr) {
+  return {x[0], x[1], x[2], x[3], y[1], y[2], kh, kw, sh, sw, pt, pb, pl, pr};
+}
+
+// The workspace is returned as a u8 buffer of the output's shape; anything else is refused.
+ffi::Error CheckPool(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y,
+                     ffi::Span<const int64_t> ws, const PoolPrimitives& p) {
+  if (x.size() != 4 || y.size() != 4 || ws.size() != 4 || x[0] != y[0] || x[3] != y[3])
+    return ffi::Error::InvalidArgument("onednn pool: expected NHWC x and y of equal N and C");
+  for (int i = 0; i < 4; ++i)
+    if (ws[i] != y[i]) return ffi::Error::InvalidArgument("onednn pool: workspace shape != y");
+  const memory::desc wd = p.fwd_pd.workspace_desc();
+  if (wd.get_size() != static_cast<size_t>(y[0] * y[1] * y[2] * y[3]))
+    return ffi::Error::InvalidArgument("onednn pool: workspace is not one byte per output");
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::U8> ws, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  PoolGeometry g = PoolFromShapes(x.dimensions(), y->dimensions(), kh, kw, sh, sw, pt, pb, pl, pr);
+  try {
+    const PoolPrimitives& p = GetPool(g);
+    if (auto e = CheckPool(x.dimensions(), y->dimensions(), ws->dimensions(), p); e.failure())
+      return e;
+    dnnl::stream s(Engine());
+    memory xm(g.x_md(), Engine(), Data(x)), ym(g.y_md(), Engine(), Data(*y));
+    memory wm(p.fwd_pd.workspace_desc(), Engine(), Data(*ws));
+    memory scratch(p.fwd_pd.scratchpad_desc(), Engine());
+    p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DST, ym}, {DNNL_ARG_WORKSPACE, wm},
+                      {DNNL_ARG_SCRATCHPAD, scratch}});
+    s.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN max-pool: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// dx: dy scattered to each window's first maximum (recorded in the workspace), summed.
+ffi::Error PoolBackward(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::U8> ws,
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t kh, int64_t kw, int64_t sh,
+                        int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  PoolGeometry g = PoolFromShapes(dx->dimensions(), dy.dimensions(), kh, kw, sh, sw, pt, pb, pl,
+                                  pr);
+  try {
+    const PoolPrimitives& p = GetPool(g);
+    if (auto e = CheckPool(dx->dimensions(), dy.dimensions(), ws.dimensions(), p); e.failure())
+      return e;
+    dnnl::stream s(Engine());
+    memory dym(g.y_md(), Engine(), Data(dy)), dxm(g.x_md(), Engine(), Data(*dx));
+    memory wm(p.fwd_pd.workspace_desc(), Engine(), Data(ws));
+    memory scratch(p.bwd_pd.scratchpad_desc(), Engine());
+    p.bwd.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WORKSPACE, wm},
+                      {DNNL_ARG_DIFF_SRC, dxm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    s.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN max-pool gradient: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define BIREAL_CONV_ATTRS                                                                \
@@ -222,3 +336,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BirealOnednnConvBwdKernel, BackwardKernel,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() BIREAL_CONV_ATTRS);
+
+#define BIREAL_POOL_ATTRS                                                                \
+  .Attr<int64_t>("kh").Attr<int64_t>("kw") BIREAL_CONV_ATTRS
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BirealOnednnPoolFwd, PoolForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>() BIREAL_POOL_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BirealOnednnPoolBwd, PoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() BIREAL_POOL_ATTRS);
