@@ -299,6 +299,8 @@ def _conv_pm1_int8(xq, wq, strides, pads):
 def _conv_pm1_xor(xq, wq, stride: int, pad: int):
   """`conv(xq, wq)` for xq ∈ {±1} and wq = α·sign, as XOR + popcount on sign bits packed 32 to a
   word (`packed.xor_popcount_conv`: exact integer sums, zero padding corrected at the borders)."""
+  if onednn.active():  # the same sums by the C++ kernel, packing and all in one custom call
+    return onednn.xor_conv(xq, wq, stride, pad)
   from bireal_jax import packed  # packed imports this module
   d = packed.xor_popcount_conv(xq, packed.pack_kernel(wq), stride, pad)
   return d.astype(jnp.float32) * _alpha(wq)

@@ -6,9 +6,12 @@ convolutions (what TensorFlow and PyTorch use on CPUs) run the same shapes close
 the CPU `conv2d` computes the forward pass, input gradient and kernel gradient of NHWC/HWIO f32
 convolutions with them. GPUs and TPUs never see this module: `layers` only calls it when the
 default backend is the CPU and `active()` is true. `max_pool2d` does the same for max-pooling,
-whose gradient XLA:CPU otherwise recomputes from the input in every fused consumer.
+whose gradient XLA:CPU otherwise recomputes from the input in every fused consumer. Built into the
+same library, `xor_conv` is the binary convolutions' exact forward (XOR + popcount, AVX-512 where
+the CPU has it), a C++ twin of `packed.xor_popcount_conv` that also packs its own operands.
 
-The C++ source (`csrc/onednn_ops.cc`, oneDNN 2.x or 3.x API) is compiled on first use with the
+The C++ sources (`csrc/onednn_ops.cc`, oneDNN 2.x or 3.x API; `csrc/xor_conv.cc`) are compiled
+on first use with the
 system compiler against oneDNN's headers — Debian/Ubuntu: `apt-get install g++ libdnnl-dev`
 (`make sysdeps`); elsewhere set `BIREAL_ONEDNN_ROOT` to a prefix with `include/dnnl.hpp` and
 `lib/libdnnl.so` — and cached under `$BIREAL_JAX_CACHE` (default `~/.cache/bireal_jax`). Without
@@ -34,10 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCE = Path(__file__).with_name("csrc") / "onednn_ops.cc"
-_TARGETS = {"conv_fwd": "BirealOnednnConvFwd", "conv_bwd_data": "BirealOnednnConvBwdData",
-            "conv_bwd_kernel": "BirealOnednnConvBwdKernel", "pool_fwd": "BirealOnednnPoolFwd",
-            "pool_bwd": "BirealOnednnPoolBwd"}
+_SOURCES = (Path(__file__).with_name("csrc") / "onednn_ops.cc",
+            Path(__file__).with_name("csrc") / "xor_conv.cc")
+_TARGETS = {"bireal_onednn_conv_fwd": "BirealOnednnConvFwd",
+            "bireal_onednn_conv_bwd_data": "BirealOnednnConvBwdData",
+            "bireal_onednn_conv_bwd_kernel": "BirealOnednnConvBwdKernel",
+            "bireal_onednn_pool_fwd": "BirealOnednnPoolFwd",
+            "bireal_onednn_pool_bwd": "BirealOnednnPoolBwd",
+            "bireal_xor_conv_fwd": "BirealXorConvFwd"}
 _HEADER_DIRS = ("/usr/include", "/usr/local/include")
 
 
@@ -56,8 +63,10 @@ def _root_flags() -> list[str]:
 def _compile(out: Path) -> None:
   """Builds the shared library into `out` atomically (concurrent test workers may race)."""
   cxx = os.environ.get("CXX", "g++")
-  cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-         *_root_flags(), str(_SOURCE), "-ldnnl"]
+  # -march=native: the XOR kernel's popcounts vectorise with AVX-512 where the CPU has it; the
+  # library is cached per CPU model (`_library_path`).
+  cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
+         f"-I{jax.ffi.include_dir()}", *_root_flags(), *map(str, _SOURCES), "-ldnnl"]
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     tmp_out = Path(tmp) / out.name
@@ -67,10 +76,22 @@ def _compile(out: Path) -> None:
     os.replace(tmp_out, out)
 
 
+def _cpu_id() -> str:
+  """The CPU's model name and feature flags (Linux), else what `platform` knows."""
+  try:
+    info = Path("/proc/cpuinfo").read_text()
+    return "\n".join(sorted({l for l in info.splitlines()
+                              if l.startswith(("model name", "flags"))}))
+  except OSError:
+    import platform
+    return platform.processor() + platform.machine()
+
+
 def _library_path() -> Path:
-  # Keyed by the source, jax version (the FFI headers come from jaxlib) and oneDNN location.
-  key = hashlib.sha256(_SOURCE.read_bytes() + jax.__version__.encode()
-                       + " ".join(_root_flags()).encode()).hexdigest()[:16]
+  # Keyed by the sources, jax version (the FFI headers come from jaxlib), oneDNN location and
+  # the CPU (compiled with -march=native; a shared home directory may serve several machines).
+  key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + jax.__version__.encode()
+                       + " ".join(_root_flags()).encode() + _cpu_id().encode()).hexdigest()[:16]
   return _cache_dir() / f"onednn_ops-{key}.so"
 
 
@@ -103,7 +124,7 @@ def available() -> bool:
       os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
       lib = ctypes.cdll.LoadLibrary(str(path))
       for name, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(f"bireal_onednn_{name}",
+        jax.ffi.register_ffi_target(name,
                                     jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
       return True
     except (OSError, RuntimeError, AttributeError) as e:
@@ -246,3 +267,23 @@ def max_pool2d(x: jax.Array, window: Sequence[int], strides: Sequence[int], pads
   if min(out_hw(x.shape, window, strides, pads)) < 1:
     raise ValueError(f"window {window} with padding {pads} does not fit input {x.shape[1:3]}")
   return _max_pool(x, window, strides, pads)
+
+
+def xor_conv(xq: jax.Array, wq: jax.Array, stride: int, pad: int) -> jax.Array:
+  """`conv(xq, wq)` for xq ∈ {±1} (NHWC f32) and an HWIO f32 kernel wq = α·sign(W) (α ≥ 0 per
+  output channel), equal strides and symmetric zero padding: XOR + popcount on packed sign bits
+  in C++ (`csrc/xor_conv.cc`), exact. Forward only (the layers define the gradient); call it only
+  when `available()`."""
+  if xq.dtype != jnp.float32 or wq.dtype != jnp.float32 or xq.ndim != 4 or wq.ndim != 4 \
+     or xq.shape[3] != wq.shape[2]:
+    raise ValueError(f"xor_conv expects NHWC and HWIO float32 operands with matching channels, "
+                     f"got {xq.dtype}{xq.shape} and {wq.dtype}{wq.shape}")
+  pads = ((pad, pad), (pad, pad))
+  oh, ow = out_hw(xq.shape, wq.shape, (stride, stride), pads)
+  if min(oh, ow) < 1:
+    raise ValueError(f"kernel {wq.shape[:2]} with padding {pad} does not fit input "
+                     f"{xq.shape[1:3]}")
+  return jax.ffi.ffi_call("bireal_xor_conv_fwd",
+                          jax.ShapeDtypeStruct((xq.shape[0], oh, ow, wq.shape[3]), jnp.float32),
+                          vmap_method="sequential")(xq, wq, stride=np.int64(stride),
+                                                    pad=np.int64(pad))

@@ -33,7 +33,7 @@ def _traced(fn, *args, fast):
 
 def _branch(jaxpr: str) -> str:
   """Which binary-conv forward a traced jaxpr took: packed XOR, int8 dot, or the f32 conv."""
-  if "population_count" in jaxpr:
+  if "population_count" in jaxpr or "bireal_xor_conv_fwd" in jaxpr:  # JAX or C++ XOR kernel
     return "xor"
   return "int8" if "i8" in jaxpr else "f32"
 
@@ -212,6 +212,28 @@ def test_binary_conv_fast_path_matches_lax_conv_values_and_gradients(
   (y_fast, grads_fast), (y_ref, grads_ref) = _both(value_and_grads, params, x)
   _close(y_fast, y_ref)
   _close(grads_fast, grads_ref)
+
+
+@pytest.mark.parametrize("shape,features,k,stride,padding",
+                         [row[:5] for row in CONVS if row[5] == "xor"])
+def test_binary_conv_pure_jax_xor_path_without_onednn(shape, features, k, stride, padding):
+  # The XOR forward when the C++ custom calls are unavailable: `packed.xor_popcount_conv`.
+  x = _x(*shape)
+  conv = BinaryConv(features, (k, k), stride, padding=padding, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(1), x)
+  g = _x(*jax.eval_shape(conv.apply, params, x).shape, seed=2)
+
+  def value_and_grads(p, v):
+    y, vjp = jax.vjp(conv.apply, p, v)
+    return y, vjp(g)
+
+  with onednn.enabled(False):
+    jaxpr = _traced(value_and_grads, params, x, fast=True)
+    fast = jax.jit(lambda *a: value_and_grads(*a))(params, x)
+  assert "population_count" in jaxpr and "bireal_" not in jaxpr
+  with layers.cpu_fast_paths(False):
+    ref = jax.jit(lambda *a: value_and_grads(*a))(params, x)
+  _close(fast, ref)
 
 
 def test_xor_branch_is_at_least_as_exact_as_the_f32_conv():

@@ -141,6 +141,40 @@ def test_max_pool2d_rejects_bad_input():
     onednn.max_pool2d(x, (9, 9), (1, 1), ((0, 0), (0, 0)))
 
 
+XOR_CONVS = [  # (x shape, kernel shape, stride, pad): channels off and on word/vector sizes
+    ((2, 9, 8, 3), (3, 3, 3, 5), 1, 1),
+    ((2, 16, 16, 64), (3, 3, 64, 64), 1, 1),
+    ((2, 15, 15, 40), (3, 3, 40, 70), 2, 1),
+    ((1, 7, 7, 128), (3, 3, 128, 128), 1, 1),
+    ((2, 6, 5, 33), (3, 3, 33, 7), 1, 0),
+    ((2, 8, 8, 4), (1, 1, 4, 8), 2, 0),
+]
+
+
+@pytest.mark.parametrize("x_shape,k_shape,stride,pad", XOR_CONVS)
+def test_xor_conv_equals_the_f32_conv_and_the_jax_xor_kernel(x_shape, k_shape, stride, pad):
+  from bireal_jax import packed, quantizers
+  xq = jnp.where(_rand(x_shape, 5) >= 0, 1.0, -1.0)
+  wq = quantizers.magnitude_aware_sign(_rand(k_shape, 6))
+  xor = jax.jit(lambda a, b: onednn.xor_conv(a, b, stride, pad))
+  # Exact integers times α: the f32 convolution of the same operands agrees to its rounding.
+  _assert_close(xor(xq, wq), _ref(xq, wq, (stride, stride), ((pad, pad), (pad, pad))))
+  # Bit for bit the pure-JAX kernel, also for ±0 entries (bit 0, i.e. +1, in both).
+  wq = wq.at[0, 0, 0].set(0.0 * wq[0, 0, 0])
+  d = packed.xor_popcount_conv(xq, packed.pack_kernel(wq), stride, pad)
+  np.testing.assert_array_equal(xor(xq, wq), d.astype(jnp.float32) * layers._alpha(wq))
+
+
+def test_xor_conv_lowers_to_its_custom_call_and_rejects_bad_input():
+  xq, wq = jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
+  assert "bireal_xor_conv_fwd" in jax.jit(
+      lambda a, b: onednn.xor_conv(a, b, 1, 1)).lower(xq, wq).as_text()
+  with pytest.raises(ValueError, match="matching channels"):
+    onednn.xor_conv(xq, jnp.ones((3, 3, 2, 4)), 1, 1)
+  with pytest.raises(ValueError, match="does not fit"):
+    onednn.xor_conv(xq, jnp.ones((7, 7, 3, 4)), 1, 0)
+
+
 def test_layers_choose_onednn_only_on_the_cpu_fast_paths():
   model = models.get("bireal18", num_classes=5, base_width=8, stem="imagenet")
   x = _rand((2, 32, 32, 3), 3)
