@@ -7,9 +7,10 @@ medians of `--repeats` calls. Several variants are compiled in the same process 
 interleaved (A, B, A, B, ...), so load from other processes hits them alike; the ratio column
 compares each variant with the last one. Variants are `PATHS:OPTIONS`:
 
-  PATHS    lib   the library as shipped (CPU fast paths: oneDNN f32 convolutions and gradients,
-                 XOR/popcount binary-conv forward, stem max-pool without reduce_window)
-           xla   lib with XLA's own convolutions instead of oneDNN's (`onednn.enabled(False)`)
+  PATHS    lib   the library as shipped (CPU fast paths: oneDNN f32 convolutions, gradients and
+                 max-pool, the C++ XOR/popcount binary-conv forward, the BatchNorm backward)
+           xla   lib without the C++ custom calls (`onednn.enabled(False)`): XLA's convolutions,
+                 the pure-JAX XOR forward and sliced max-pool; the BatchNorm backward stays
            ref   the same model traced with `layers.cpu_fast_paths(False)` (plain lax ops)
   OPTIONS  default  XLA's default compiler options
            cpu      `layers.cpu_compiler_options()` (Eigen instead of YNNPACK convolutions)

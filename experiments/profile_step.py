@@ -2,7 +2,7 @@
 
 Runs `bench_model`'s Adam train step (library paths and CPU compiler options by default) a few
 times under the profiler, reads the Perfetto trace it writes, and prints per-step milliseconds
-grouped three ways: by kind (oneDNN custom calls, XLA convolutions, library fusions such as
+grouped three ways: by kind (each C++ custom call, XLA convolutions, library fusions such as
 YNNPACK dots/reductions, other fusions), by output shape, and the slowest single ops. On a CPU
 the per-op events are XLA:CPU's thunks, so the groups add up to about the step's wall time.
 
@@ -29,10 +29,17 @@ import bench_model  # noqa: E402  (experiments/bench_model.py)
 from machine import cpu_model, loadavg  # noqa: E402
 
 
-def op_kind(name: str, hlo_op: str) -> str:
-  """A coarse bucket for one thunk, from its HLO instruction name and opcode."""
+CUSTOM_CALLS = {"bireal_onednn_conv": "custom calls: oneDNN convolutions",
+                "bireal_onednn_pool": "custom calls: oneDNN max-pool",
+                "bireal_xor_conv": "custom calls: C++ XOR binary-conv forward"}
+
+
+def op_kind(name: str, hlo_op: str, target: str = "") -> str:
+  """A coarse bucket for one thunk, from its HLO instruction name, opcode and custom-call
+  target."""
   if hlo_op == "custom-call" or name.startswith("ffi_call"):
-    return "custom calls (oneDNN convolutions)"
+    return next((kind for prefix, kind in CUSTOM_CALLS.items() if target.startswith(prefix)),
+                "custom calls: other")
   if hlo_op == "convolution" or name.startswith("convolution"):
     return "XLA convolutions"
   if name.startswith(("ynn_fusion", "xnn_fusion", "onednn")):
@@ -43,12 +50,14 @@ def op_kind(name: str, hlo_op: str) -> str:
 
 
 def hlo_index(hlo_text: str) -> dict:
-  """{instruction name: (output type, opcode)} from a compiled module's text."""
+  """{instruction name: (output type, opcode, custom-call target or "")} from a compiled
+  module's text."""
   out = {}
   for line in hlo_text.splitlines():
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ([\w\-]+)\(", line)
     if m:
-      out[m.group(1)] = (m.group(2), m.group(3))
+      t = re.search(r'custom_call_target="([^"]+)"', line)
+      out[m.group(1)] = (m.group(2), m.group(3), t.group(1) if t else "")
   return out
 
 
@@ -69,8 +78,8 @@ def summarise(events, index: dict, steps: int) -> dict:
       by_op[e["name"]] += e["dur"] / 1e3 / steps
   by_kind, by_shape = collections.Counter(), collections.Counter()
   for name, ms in by_op.items():
-    out_type, opcode = index[name]
-    by_kind[op_kind(name, opcode)] += ms
+    out_type, opcode, target = index[name]
+    by_kind[op_kind(name, opcode, target)] += ms
     by_shape[out_type] += ms
   return {"kind": by_kind, "shape": by_shape, "op": by_op}
 

@@ -15,9 +15,13 @@ from bireal_jax import onednn  # noqa: E402
 def test_hlo_index_reads_names_types_and_opcodes():
   text = ("  %ffi_call.3 = f32[2,4,4,8]{3,2,1,0} custom-call(%p0, %p1), custom_call_target=\"x\"\n"
           "  ROOT %add_fusion = f32[8]{0} fusion(%a), kind=kLoop, calls=%c\n")
-  assert ps.hlo_index(text) == {"ffi_call.3": ("f32[2,4,4,8]", "custom-call"),
-                                "add_fusion": ("f32[8]", "fusion")}
-  assert ps.op_kind("ffi_call.3", "custom-call").startswith("custom calls")
+  assert ps.hlo_index(text) == {"ffi_call.3": ("f32[2,4,4,8]", "custom-call", "x"),
+                                "add_fusion": ("f32[8]", "fusion", "")}
+  assert ps.op_kind("ffi_call.3", "custom-call", "x") == "custom calls: other"
+  assert ps.op_kind("ffi_call.4", "custom-call",
+                    "bireal_onednn_conv_bwd_data") == "custom calls: oneDNN convolutions"
+  assert ps.op_kind("ffi_call.5", "custom-call",
+                    "bireal_xor_conv_fwd") == ps.CUSTOM_CALLS["bireal_xor_conv"]
   assert ps.op_kind("ynn_fusion.2", "fusion").startswith("library")
   assert ps.op_kind("convolution.1", "convolution") == "XLA convolutions"
 
@@ -33,4 +37,6 @@ def test_profile_of_a_tiny_step_groups_its_ops(paths, capsys):
   if paths == "ref":
     assert "| XLA convolutions |" in out and "custom calls" not in out
   elif onednn.available():
-    assert "| custom calls (oneDNN convolutions) |" in out and "XLA convolutions" not in out
+    assert "| custom calls: oneDNN convolutions |" in out and "XLA convolutions" not in out
+    assert "| custom calls: oneDNN max-pool |" in out
+    assert "| custom calls: C++ XOR binary-conv forward |" in out
