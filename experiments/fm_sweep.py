@@ -58,6 +58,8 @@ RECIPES = {
     "w32_e30": ("fashion_mnist.py", {"base_width": 32, "num_epochs": 30.0}),
     # The standard ResNet-18 width (stages 64..512): an upper reference, too slow for the CPU.
     "w64_e20": ("fashion_mnist.py", {"base_width": 64, "num_epochs": 20.0}),
+    # Its real-valued clip twin, the same length (= configs/fashion_mnist_real.py at width 64).
+    "twin64_e20": ("fashion_mnist_real.py", {"base_width": 64, "num_epochs": 20.0}),
     # Seconds-long pair for checking the script itself (--recipes tiny_twin,tiny_kd).
     "tiny_twin": ("fashion_mnist_real.py", {"base_width": 4, "num_epochs": 0.05}),
     "tiny_kd": ("fashion_mnist.py", {"base_width": 4, "num_epochs": 0.05,
