@@ -89,13 +89,20 @@ struct Primitives {
   dnnl::convolution_backward_weights bwd_weights;
 };
 
-// One entry per geometry, built lazily; XLA may call from several threads (one per device).
-const Primitives& Get(const Geometry& g) {
+// One entry per geometry, built lazily by `build` (creating a primitive JIT-compiles a kernel);
+// XLA may call from several threads (one per device).
+template <typename P, typename G, typename Build>
+const P& Cached(const G& g, Build build) {
   static std::mutex mu;
-  static std::map<decltype(g.key()), std::unique_ptr<Primitives>> cache;
+  static std::map<decltype(g.key()), std::unique_ptr<P>> cache;
   std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[g.key()];
-  if (!slot) {
+  if (!slot) slot = build();
+  return *slot;
+}
+
+const Primitives& Get(const Geometry& g) {
+  return Cached<Primitives>(g, [&] {
     auto p = std::make_unique<Primitives>();
     p->fwd_pd = ForwardPd(g);
     p->fwd = dnnl::convolution_forward(p->fwd_pd);
@@ -103,9 +110,8 @@ const Primitives& Get(const Geometry& g) {
     p->bwd_data = dnnl::convolution_backward_data(p->bwd_data_pd);
     p->bwd_weights_pd = BackwardPd<dnnl::convolution_backward_weights>(g, p->fwd_pd);
     p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
-    slot = std::move(p);
-  }
-  return *slot;
+    return p;
+  });
 }
 
 template <typename B>
@@ -220,11 +226,7 @@ struct PoolPrimitives {
 };
 
 const PoolPrimitives& GetPool(const PoolGeometry& g) {
-  static std::mutex mu;
-  static std::map<decltype(g.key()), std::unique_ptr<PoolPrimitives>> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto& slot = cache[g.key()];
-  if (!slot) {
+  return Cached<PoolPrimitives>(g, [&] {
     auto p = std::make_unique<PoolPrimitives>();
     const memory::dims strides{g.sh, g.sw}, kernel{g.kh, g.kw}, pad_l{g.pt, g.pl},
         pad_r{g.pb, g.pr};
@@ -245,9 +247,8 @@ const PoolPrimitives& GetPool(const PoolGeometry& g) {
 #endif
     p->fwd = dnnl::pooling_forward(p->fwd_pd);
     p->bwd = dnnl::pooling_backward(p->bwd_pd);
-    slot = std::move(p);
-  }
-  return *slot;
+    return p;
+  });
 }
 
 PoolGeometry PoolFromShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, int64_t kh,

@@ -45,14 +45,11 @@ struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, stride, pad, nw;
 };
 
-#ifdef BIREAL_XOR_AVX512
-// Output channels [oc, oc + 16·V) of one output pixel, V accumulators of 16 lanes.
-template <int V>
-inline void PixelBlock(const Geometry& g, const uint32_t* xb, const uint32_t* kb,
-                       const float* alpha, int64_t b, int64_t oy, int64_t ox, int64_t oc,
-                       float* out) {
-  __m512i acc[V];
-  for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_si512();
+// Calls f(x words, kernel words + oc) for each tap of output pixel (b, oy, ox) that falls inside
+// the image (zero padding contributes nothing) and returns how many did.
+template <typename F>
+inline int64_t ForValidTaps(const Geometry& g, const uint32_t* xb, const uint32_t* kb, int64_t b,
+                            int64_t oy, int64_t ox, int64_t oc, F&& f) {
   int64_t valid = 0;
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t iy = oy * g.stride + i - g.pad;
@@ -61,16 +58,29 @@ inline void PixelBlock(const Geometry& g, const uint32_t* xb, const uint32_t* kb
       const int64_t ix = ox * g.stride + j - g.pad;
       if (ix < 0 || ix >= g.w) continue;
       ++valid;
-      const uint32_t* xw = xb + ((b * g.h + iy) * g.w + ix) * g.nw;
-      const uint32_t* kt = kb + (i * g.kw + j) * g.nw * g.o + oc;
-      for (int64_t u = 0; u < g.nw; ++u) {
-        const __m512i xv = _mm512_set1_epi32(static_cast<int>(xw[u]));
-        for (int v = 0; v < V; ++v)
-          acc[v] = _mm512_add_epi32(acc[v], _mm512_popcnt_epi32(_mm512_xor_si512(
-                                                xv, _mm512_loadu_si512(kt + u * g.o + 16 * v))));
-      }
+      f(xb + ((b * g.h + iy) * g.w + ix) * g.nw, kb + (i * g.kw + j) * g.nw * g.o + oc);
     }
   }
+  return valid;
+}
+
+#ifdef BIREAL_XOR_AVX512
+// Output channels [oc, oc + 16·V) of one output pixel, V accumulators of 16 lanes.
+template <int V>
+inline void PixelBlock(const Geometry& g, const uint32_t* xb, const uint32_t* kb,
+                       const float* alpha, int64_t b, int64_t oy, int64_t ox, int64_t oc,
+                       float* out) {
+  __m512i acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_si512();
+  const int64_t valid = ForValidTaps(g, xb, kb, b, oy, ox, oc,
+                                     [&](const uint32_t* xw, const uint32_t* kt) {
+    for (int64_t u = 0; u < g.nw; ++u) {
+      const __m512i xv = _mm512_set1_epi32(static_cast<int>(xw[u]));
+      for (int v = 0; v < V; ++v)
+        acc[v] = _mm512_add_epi32(acc[v], _mm512_popcnt_epi32(_mm512_xor_si512(
+                                              xv, _mm512_loadu_si512(kt + u * g.o + 16 * v))));
+    }
+  });
   const __m512i full = _mm512_set1_epi32(static_cast<int>(valid * g.c));
   for (int v = 0; v < V; ++v) {
     const __m512i d = _mm512_sub_epi32(full, _mm512_slli_epi32(acc[v], 1));
@@ -85,19 +95,11 @@ inline void PixelTail(const Geometry& g, const uint32_t* xb, const uint32_t* kb,
                       const float* alpha, int64_t b, int64_t oy, int64_t ox, int64_t oc,
                       float* out) {
   for (; oc < g.o; ++oc) {
-    int64_t valid = 0, pc = 0;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t iy = oy * g.stride + i - g.pad;
-      if (iy < 0 || iy >= g.h) continue;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t ix = ox * g.stride + j - g.pad;
-        if (ix < 0 || ix >= g.w) continue;
-        ++valid;
-        const uint32_t* xw = xb + ((b * g.h + iy) * g.w + ix) * g.nw;
-        const uint32_t* kt = kb + (i * g.kw + j) * g.nw * g.o + oc;
-        for (int64_t u = 0; u < g.nw; ++u) pc += __builtin_popcount(xw[u] ^ kt[u * g.o]);
-      }
-    }
+    int64_t pc = 0;
+    const int64_t valid = ForValidTaps(g, xb, kb, b, oy, ox, oc,
+                                       [&](const uint32_t* xw, const uint32_t* kt) {
+      for (int64_t u = 0; u < g.nw; ++u) pc += __builtin_popcount(xw[u] ^ kt[u * g.o]);
+    });
     out[oc] = static_cast<float>(static_cast<int32_t>(valid * g.c - 2 * pc)) * alpha[oc];
   }
 }
