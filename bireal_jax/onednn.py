@@ -12,11 +12,10 @@ the CPU has it), a C++ twin of `packed.xor_popcount_conv` that also packs its ow
 
 The C++ sources (`csrc/onednn_ops.cc`, oneDNN 2.x or 3.x API; `csrc/xor_conv.cc`) are compiled
 on first use with the system compiler against oneDNN's headers — Debian/Ubuntu: `apt-get install
-g++ libdnnl-dev`
-(`make sysdeps`); elsewhere set `BIREAL_ONEDNN_ROOT` to a prefix with `include/dnnl.hpp` and
-`lib/libdnnl.so` — and cached under `$BIREAL_JAX_CACHE` (default `~/.cache/bireal_jax`). Without
-them, or with `BIREAL_ONEDNN=0`, `available()` is false and XLA's own ops are used;
-nothing else changes.
+g++ libdnnl-dev` (`make sysdeps`); elsewhere set `BIREAL_ONEDNN_ROOT` to a prefix with
+`include/dnnl.hpp` and `lib/libdnnl.so` — and cached under `$BIREAL_JAX_CACHE` (default
+`~/.cache/bireal_jax`). Without them, or with `BIREAL_ONEDNN=0`, `available()` is false and XLA's
+own ops are used; nothing else changes.
 """
 from __future__ import annotations
 
