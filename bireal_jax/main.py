@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bireal_jax import config as config_lib
+from bireal_jax import host_malloc
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).",
@@ -102,6 +103,8 @@ def main(argv):
     sys.exit(2)
 
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # tf.data's C++ INFO lines, not warnings
+  if config.keep_freed_host_memory and host_malloc.cpu_only():  # before JAX's threads allocate
+    host_malloc.keep_freed_memory()
   initialize_distributed(config)
   import jax
   try:  # the device-dependent checks (batch divisibility), still before any work

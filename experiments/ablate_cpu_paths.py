@@ -75,6 +75,7 @@ def main(argv=None) -> None:
         f"{args.repeats} interleaved calls")
   print(f"load average before: {loadavg()}")
   progs = bench_model.Programs(args.model, args.batch_size, args.image_size, args.num_classes)
+  print(f"host malloc: {progs.malloc}")
   entries = {}
   for name in names:
     t = time.perf_counter()

@@ -28,14 +28,20 @@ import platform
 import statistics
 import time
 
-import flax
+from bireal_jax import host_malloc
+
+# As the training job does on the CPU, before JAX's threads allocate (`BIREAL_MALLOC=system` to
+# measure without it).
+MALLOC = "keep" if host_malloc.cpu_only() and host_malloc.keep_freed_memory() else "system"
+
+import flax  # noqa: E402
 import jax
 import jaxlib
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bireal_jax import layers, models, onednn
+from bireal_jax import layers, models, onednn  # noqa: E402
 from machine import cores, cpu_model, cpu_seconds, loadavg
 
 DEFAULT_VARIANTS = {"train": "lib:cpu,xla:cpu,ref:cpu",
@@ -59,6 +65,7 @@ class Programs:
 
   def __init__(self, model_name: str, batch: int, size: int, num_classes: int,
                dtype: str = "float32", seed: int = 0):
+    self.malloc = MALLOC
     self.model = models.get(model_name, num_classes=num_classes, dtype=dtype)
     rng = np.random.default_rng(seed)
     self.images = jnp.asarray(rng.standard_normal((batch, size, size, 3), np.float32))
@@ -178,6 +185,7 @@ def main(argv=None) -> None:
         f"warm-up calls")
   print(f"load average before: {loadavg()}")
   progs = Programs(args.model, args.batch_size, args.image_size, args.num_classes, args.dtype)
+  print(f"host malloc: {progs.malloc} (bireal_jax/host_malloc.py)")
   for kind in kinds:
     entries = {}
     for v in variants[kind]:

@@ -68,7 +68,8 @@ def _build_jax(a):
     state[op] = jax.block_until_ready(step(compiled, state[op]))
 
   return call, (f"jax {jax.__version__} jaxlib {jaxlib.__version__} flax {flax.__version__} "
-                f"{a.dtype} on {jax.devices()[0].device_kind}")
+                f"{a.dtype} on {jax.devices()[0].device_kind}"
+                + (f", host malloc {progs.malloc}" if a.device == "cpu" else ""))
 
 
 def _official_training_semantics(net, torch):
