@@ -217,8 +217,7 @@ def max_pool(x: jax.Array, window: Sequence[int] = (3, 3), strides: Sequence[int
     pads = tuple(tuple(p) for p in padding)
   if not on_cpu() or not jnp.issubdtype(x.dtype, jnp.floating):
     return nn.max_pool(x, window, strides, padding=pads)
-  if (x.dtype == jnp.float32 and onednn.active() and window[0] * window[1] <= 256
-      and all(max(p) < min(window) for p in pads)):
+  if x.dtype == jnp.float32 and onednn.active() and onednn.pool_fits(window, pads):
     return onednn.max_pool2d(x, window, strides, pads)
   return _max_pool_sliced(x, window, strides, pads, tuple(x.shape))
 
@@ -302,6 +301,12 @@ def _conv_pm1_xor(xq, wq, stride: int, pad: int):
   word (exact integer sums): the C++ kernel, else `packed.xor_popcount_conv`."""
   if onednn.active():  # the same sums by the C++ kernel, packing and all in one custom call
     return onednn.xor_conv(xq, wq, stride, pad)
+  return _conv_pm1_xor_jax(xq, wq, stride, pad)
+
+
+def _conv_pm1_xor_jax(xq, wq, stride: int, pad: int):
+  """The pure-JAX XOR forward (`packed.xor_popcount_conv`), scaled by α; `onednn.xor_conv`'s
+  values bit for bit."""
   from bireal_jax import packed  # packed imports this module
   d = packed.xor_popcount_conv(xq, packed.pack_kernel(wq), stride, pad)
   return d.astype(jnp.float32) * _alpha(wq)
@@ -411,8 +416,7 @@ def _bn_stats(x, axis_name):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _bn_train(x, scale, bias, epsilon, axis_name):
-  mu, var = _bn_stats(x, axis_name)
-  return (x - mu) * (lax.rsqrt(var + epsilon) * scale) + bias, mu, var
+  return _bn_train_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
 def _bn_train_fwd(x, scale, bias, epsilon, axis_name):

@@ -252,6 +252,12 @@ def _max_pool_bwd(window, strides, pads, res, dy):
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def pool_fits(window: Sequence[int], pads: Pads) -> bool:
+  """What oneDNN's max-pool takes here: at most 256 taps (the one-byte workspace) and padding
+  smaller than the window."""
+  return window[0] * window[1] <= 256 and all(max(p) < min(window) for p in pads)
+
+
 def max_pool2d(x: jax.Array, window: Sequence[int], strides: Sequence[int], pads: Pads):
   """NHWC f32 max-pool with explicit padding (padding never wins), via oneDNN; its gradient goes
   to each window's first maximum in row-major order, as `nn.max_pool`'s does. Windows of at most
@@ -260,7 +266,7 @@ def max_pool2d(x: jax.Array, window: Sequence[int], strides: Sequence[int], pads
     raise TypeError(f"oneDNN max_pool2d takes NHWC float32 input, got {x.dtype} {x.shape}")
   window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
   pads = tuple((int(a), int(b)) for a, b in pads)
-  if window[0] * window[1] > 256 or max(max(p) for p in pads) >= min(window):
+  if not pool_fits(window, pads):
     raise ValueError(f"window {window} with padding {pads}: expected at most 256 taps and "
                      f"padding smaller than the window")
   if min(out_hw(x.shape, window, strides, pads)) < 1:

@@ -24,10 +24,9 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 import bench_model
-from bireal_jax import layers, onednn, packed
+from bireal_jax import layers, onednn
 from machine import cpu_model, loadavg
 
 
@@ -41,17 +40,12 @@ def _swapped(obj, name, value):
     setattr(obj, name, old)
 
 
-def _jax_xor(xq, wq, stride, pad):
-  d = packed.xor_popcount_conv(xq, packed.pack_kernel(wq), stride, pad)
-  return d.astype(jnp.float32) * layers._alpha(wq)
-
-
 VARIANTS = {
     "shipped": contextlib.nullcontext,
     "flax_bn": lambda: _swapped(layers, "BatchNorm", nn.BatchNorm),
     "sliced_pool": lambda: _swapped(onednn, "max_pool2d", lambda x, w, s, p: (
         layers._max_pool_sliced(x, w, s, p, tuple(x.shape)))),
-    "jax_xor": lambda: _swapped(onednn, "xor_conv", _jax_xor),
+    "jax_xor": lambda: _swapped(onednn, "xor_conv", layers._conv_pm1_xor_jax),
 }
 
 
@@ -75,7 +69,7 @@ def main(argv=None) -> None:
         f"{args.repeats} interleaved calls")
   print(f"load average before: {loadavg()}")
   progs = bench_model.Programs(args.model, args.batch_size, args.image_size, args.num_classes)
-  print(f"host malloc: {progs.malloc}")
+  print(f"host malloc: {bench_model.MALLOC}")
   entries = {}
   for name in names:
     t = time.perf_counter()

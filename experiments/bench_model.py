@@ -65,7 +65,6 @@ class Programs:
 
   def __init__(self, model_name: str, batch: int, size: int, num_classes: int,
                dtype: str = "float32", seed: int = 0):
-    self.malloc = MALLOC
     self.model = models.get(model_name, num_classes=num_classes, dtype=dtype)
     rng = np.random.default_rng(seed)
     self.images = jnp.asarray(rng.standard_normal((batch, size, size, 3), np.float32))
@@ -185,7 +184,7 @@ def main(argv=None) -> None:
         f"warm-up calls")
   print(f"load average before: {loadavg()}")
   progs = Programs(args.model, args.batch_size, args.image_size, args.num_classes, args.dtype)
-  print(f"host malloc: {progs.malloc} (bireal_jax/host_malloc.py)")
+  print(f"host malloc: {MALLOC} (bireal_jax/host_malloc.py)")
   for kind in kinds:
     entries = {}
     for v in variants[kind]:

@@ -69,7 +69,7 @@ def _build_jax(a):
 
   return call, (f"jax {jax.__version__} jaxlib {jaxlib.__version__} flax {flax.__version__} "
                 f"{a.dtype} on {jax.devices()[0].device_kind}"
-                + (f", host malloc {progs.malloc}" if a.device == "cpu" else ""))
+                + (f", host malloc {bench_model.MALLOC}" if a.device == "cpu" else ""))
 
 
 def _official_training_semantics(net, torch):
@@ -390,7 +390,7 @@ def main(argv=None) -> None:
     ap.add_argument(f"--skip-{s}", action="store_true")
   ap.add_argument("--jax-env", action="append", default=[], metavar="KEY=VALUE",
                   help="also run a second jax worker with this environment variable (repeatable),"
-                       "\ne.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+                       "\ne.g. BIREAL_MALLOC=system")
   ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
   a.ops = [op.strip() for op in a.ops.split(",") if op.strip()]

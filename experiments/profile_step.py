@@ -98,7 +98,7 @@ def main(argv=None) -> None:
         f"{args.paths}  options {args.options}  {args.repeats} profiled steps")
   print(f"load average before: {loadavg()}")
   progs = bench_model.Programs(args.model, args.batch_size, args.image_size, args.num_classes)
-  print(f"host malloc: {progs.malloc}")
+  print(f"host malloc: {bench_model.MALLOC}")
   compiled, state, _, step = progs.compile("train", args.paths, args.options)
   for _ in range(2):  # warm up: first calls allocate and (for oneDNN) build primitives
     state = jax.block_until_ready(step(compiled, state))

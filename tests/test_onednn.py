@@ -153,7 +153,7 @@ XOR_CONVS = [  # (x shape, kernel shape, stride, pad): channels off and on word/
 
 @pytest.mark.parametrize("x_shape,k_shape,stride,pad", XOR_CONVS)
 def test_xor_conv_equals_the_f32_conv_and_the_jax_xor_kernel(x_shape, k_shape, stride, pad):
-  from bireal_jax import packed, quantizers
+  from bireal_jax import quantizers
   xq = jnp.where(_rand(x_shape, 5) >= 0, 1.0, -1.0)
   wq = quantizers.magnitude_aware_sign(_rand(k_shape, 6))
   xor = jax.jit(lambda a, b: onednn.xor_conv(a, b, stride, pad))
@@ -161,8 +161,7 @@ def test_xor_conv_equals_the_f32_conv_and_the_jax_xor_kernel(x_shape, k_shape, s
   _assert_close(xor(xq, wq), _ref(xq, wq, (stride, stride), ((pad, pad), (pad, pad))))
   # Bit for bit the pure-JAX kernel, also for ±0 entries (bit 0, i.e. +1, in both).
   wq = wq.at[0, 0, 0].set(0.0 * wq[0, 0, 0])
-  d = packed.xor_popcount_conv(xq, packed.pack_kernel(wq), stride, pad)
-  np.testing.assert_array_equal(xor(xq, wq), d.astype(jnp.float32) * layers._alpha(wq))
+  np.testing.assert_array_equal(xor(xq, wq), layers._conv_pm1_xor_jax(xq, wq, stride, pad))
 
 
 def test_xor_conv_lowers_to_its_custom_call_and_rejects_bad_input():

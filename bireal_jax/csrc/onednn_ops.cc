@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "dnnl.hpp"
@@ -117,6 +118,28 @@ const Primitives& Get(const Geometry& g) {
 template <typename B>
 void* Data(B& b) { return reinterpret_cast<void*>(b.typed_data()); }
 
+// Runs `body(stream)` on a fresh stream and waits for it; oneDNN's exceptions become FFI errors
+// naming `what`.
+template <typename Body>
+ffi::Error Guarded(const char* what, Body&& body) {
+  try {
+    dnnl::stream s(Engine());
+    ffi::Error e = body(s);
+    s.wait();
+    return e;
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string(what) + ": " + e.what());
+  }
+}
+
+// Executes `prim` with `args` plus its own scratchpad of `pd`'s size (see the file comment).
+template <typename Prim, typename Pd>
+void Execute(const Prim& prim, const Pd& pd, dnnl::stream& s,
+             std::unordered_map<int, memory> args) {
+  args.emplace(DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), Engine()));
+  prim.execute(s, args);
+}
+
 // Kernel in oneDNN's layout `want`: the user's HWIO buffer itself when the layouts agree.
 memory KernelIn(const Geometry& g, const memory::desc& want, void* hwio, dnnl::stream& s) {
   memory user(g.k_user_md(), Engine(), hwio);
@@ -144,19 +167,13 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Result
                    int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   if (auto e = Check(x.dimensions(), k.dimensions(), y->dimensions()); e.failure()) return e;
   Geometry g = FromShapes(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
-  try {
+  return Guarded("oneDNN forward convolution", [&](dnnl::stream& s) {
     const Primitives& p = Get(g);
-    dnnl::stream s(Engine());
     memory xm(g.x_md(), Engine(), Data(x)), ym(g.y_md(), Engine(), Data(*y));
     memory km = KernelIn(g, p.fwd_pd.weights_desc(), Data(k), s);
-    memory scratch(p.fwd_pd.scratchpad_desc(), Engine());
-    p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, ym},
-                      {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN forward convolution: ") + e.what());
-  }
-  return ffi::Error::Success();
+    Execute(p.fwd, p.fwd_pd, s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, ym}});
+    return ffi::Error::Success();
+  });
 }
 
 // dx = conv_transpose(dy, kernel): the input gradient.
@@ -166,19 +183,14 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
   if (auto e = Check(dx->dimensions(), k.dimensions(), dy.dimensions()); e.failure()) return e;
   Geometry g =
       FromShapes(dx->dimensions(), k.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
-  try {
+  return Guarded("oneDNN input-gradient convolution", [&](dnnl::stream& s) {
     const Primitives& p = Get(g);
-    dnnl::stream s(Engine());
     memory dym(g.y_md(), Engine(), Data(dy)), dxm(g.x_md(), Engine(), Data(*dx));
     memory km = KernelIn(g, p.bwd_data_pd.weights_desc(), Data(k), s);
-    memory scratch(p.bwd_data_pd.scratchpad_desc(), Engine());
-    p.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, km},
-                           {DNNL_ARG_DIFF_SRC, dxm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN input-gradient convolution: ") + e.what());
-  }
-  return ffi::Error::Success();
+    Execute(p.bwd_data, p.bwd_data_pd, s,
+            {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DIFF_SRC, dxm}});
+    return ffi::Error::Success();
+  });
 }
 
 // dk = the kernel gradient from x and dy, written in HWIO.
@@ -188,22 +200,17 @@ ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   if (auto e = Check(x.dimensions(), dk->dimensions(), dy.dimensions()); e.failure()) return e;
   Geometry g =
       FromShapes(x.dimensions(), dk->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
-  try {
+  return Guarded("oneDNN kernel-gradient convolution", [&](dnnl::stream& s) {
     const Primitives& p = Get(g);
-    dnnl::stream s(Engine());
     memory xm(g.x_md(), Engine(), Data(x)), dym(g.y_md(), Engine(), Data(dy));
     memory user(g.k_user_md(), Engine(), Data(*dk));
     const memory::desc want = p.bwd_weights_pd.diff_weights_desc();
     memory dkm = want == g.k_user_md() ? user : memory(want, Engine());
-    memory scratch(p.bwd_weights_pd.scratchpad_desc(), Engine());
-    p.bwd_weights.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
-                              {DNNL_ARG_DIFF_WEIGHTS, dkm}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    Execute(p.bwd_weights, p.bwd_weights_pd, s,
+            {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dkm}});
     if (!(want == g.k_user_md())) dnnl::reorder(dkm, user).execute(s, dkm, user);
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN kernel-gradient convolution: ") + e.what());
-  }
-  return ffi::Error::Success();
+    return ffi::Error::Success();
+  });
 }
 
 // ----- Max-pooling --------------------------------------------------------------------------
@@ -274,21 +281,15 @@ ffi::Error PoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
                        ffi::ResultBuffer<ffi::U8> ws, int64_t kh, int64_t kw, int64_t sh,
                        int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   PoolGeometry g = PoolFromShapes(x.dimensions(), y->dimensions(), kh, kw, sh, sw, pt, pb, pl, pr);
-  try {
+  return Guarded("oneDNN max-pool", [&](dnnl::stream& s) {
     const PoolPrimitives& p = GetPool(g);
     if (auto e = CheckPool(x.dimensions(), y->dimensions(), ws->dimensions(), p); e.failure())
       return e;
-    dnnl::stream s(Engine());
     memory xm(g.x_md(), Engine(), Data(x)), ym(g.y_md(), Engine(), Data(*y));
     memory wm(p.fwd_pd.workspace_desc(), Engine(), Data(*ws));
-    memory scratch(p.fwd_pd.scratchpad_desc(), Engine());
-    p.fwd.execute(s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DST, ym}, {DNNL_ARG_WORKSPACE, wm},
-                      {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN max-pool: ") + e.what());
-  }
-  return ffi::Error::Success();
+    Execute(p.fwd, p.fwd_pd, s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DST, ym}, {DNNL_ARG_WORKSPACE, wm}});
+    return ffi::Error::Success();
+  });
 }
 
 // dx: dy scattered to each window's first maximum (recorded in the workspace), summed.
@@ -297,21 +298,16 @@ ffi::Error PoolBackward(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::U8> ws,
                         int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   PoolGeometry g = PoolFromShapes(dx->dimensions(), dy.dimensions(), kh, kw, sh, sw, pt, pb, pl,
                                   pr);
-  try {
+  return Guarded("oneDNN max-pool gradient", [&](dnnl::stream& s) {
     const PoolPrimitives& p = GetPool(g);
     if (auto e = CheckPool(dx->dimensions(), dy.dimensions(), ws.dimensions(), p); e.failure())
       return e;
-    dnnl::stream s(Engine());
     memory dym(g.y_md(), Engine(), Data(dy)), dxm(g.x_md(), Engine(), Data(*dx));
     memory wm(p.fwd_pd.workspace_desc(), Engine(), Data(ws));
-    memory scratch(p.bwd_pd.scratchpad_desc(), Engine());
-    p.bwd.execute(s, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WORKSPACE, wm},
-                      {DNNL_ARG_DIFF_SRC, dxm}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN max-pool gradient: ") + e.what());
-  }
-  return ffi::Error::Success();
+    Execute(p.bwd, p.bwd_pd, s,
+            {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WORKSPACE, wm}, {DNNL_ARG_DIFF_SRC, dxm}});
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
