@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bireal_jax import onednn, quantizers
+from bireal_jax import quantizers
+from bireal_jax.ops.cpu import onednn
 
 Dtype = Any
 QuantizerSpec = Union[str, Callable, None]

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bireal_jax import config as config_lib
-from bireal_jax import host_malloc
+from bireal_jax.ops.cpu import host_malloc
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).",

@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 
 import bench_model
-from bireal_jax import layers, onednn
+from bireal_jax import layers
+from bireal_jax.ops.cpu import onednn
 from machine import cpu_model, loadavg
 
 

@@ -33,7 +33,8 @@ import numpy as np
 from jax import lax
 
 from bench_model import Programs, add_model_args, compiler_options, parse_model_args
-from bireal_jax import layers, models, onednn
+from bireal_jax import layers, models
+from bireal_jax.ops.cpu import onednn
 from machine import cores, cpu_model, loadavg
 
 

@@ -28,7 +28,7 @@ import platform
 import statistics
 import time
 
-from bireal_jax import host_malloc
+from bireal_jax.ops.cpu import host_malloc
 
 # As the training job does on the CPU, before JAX's threads allocate (`BIREAL_MALLOC=system` to
 # measure without it).
@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bireal_jax import layers, models, onednn  # noqa: E402
+from bireal_jax import layers, models  # noqa: E402
+from bireal_jax.ops.cpu import onednn  # noqa: E402
 from machine import cores, cpu_model, cpu_seconds, loadavg
 
 DEFAULT_VARIANTS = {"train": "lib:cpu,xla:cpu,ref:cpu",

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import ablate_cpu_paths as ab  # noqa: E402
 
-from bireal_jax import models, onednn  # noqa: E402
+from bireal_jax import models  # noqa: E402
+from bireal_jax.ops.cpu import onednn  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
                                 reason="the ablated paths are CPU-only by design")

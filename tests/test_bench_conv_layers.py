@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import bench_conv_layers as bcl  # noqa: E402
 
-from bireal_jax import onednn  # noqa: E402
+from bireal_jax.ops.cpu import onednn  # noqa: E402
 
 
 def test_model_convs_lists_every_convolution_of_bireal18():

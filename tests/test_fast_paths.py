@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from bireal_jax import layers, models, onednn, quantizers
+from bireal_jax import layers, models, quantizers
+from bireal_jax.ops.cpu import onednn
 from bireal_jax.layers import BinaryConv
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",

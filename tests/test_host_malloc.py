@@ -9,7 +9,7 @@ import pytest
 
 _PROBE = r"""
 import ctypes, resource, sys
-from bireal_jax import host_malloc
+from bireal_jax.ops.cpu import host_malloc
 applied = host_malloc.keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bireal_jax import layers, models, onednn
+from bireal_jax import layers, models
+from bireal_jax.ops.cpu import onednn
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN convolutions are CPU-only"),
@@ -208,7 +209,7 @@ def test_nn_conv_adapter_matches_lax(kwargs):
 
 def test_disabled_by_environment_falls_back_with_a_message():
   env = dict(os.environ, BIREAL_ONEDNN="0", JAX_PLATFORMS="cpu")
-  code = ("from bireal_jax import layers, onednn; import jax, jax.numpy as jnp;"
+  code = ("from bireal_jax import layers; from bireal_jax.ops.cpu import onednn; import jax, jax.numpy as jnp;"
           "x = jnp.ones((1, 5, 5, 3)); k = jnp.ones((3, 3, 3, 2));"
           "print(onednn.available(), jax.jit(lambda a, b: layers._conv_f32(a, b, (1, 1),"
           " ((1, 1), (1, 1)))).lower(x, k).as_text().count('bireal_onednn'))")

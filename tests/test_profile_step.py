@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import profile_step as ps  # noqa: E402
 
-from bireal_jax import onednn  # noqa: E402
+from bireal_jax.ops.cpu import onednn  # noqa: E402
 
 
 def test_hlo_index_reads_names_types_and_opcodes():

@@ -1,0 +1,1 @@
+"""Backend layer (being assembled)."""
