@@ -13,6 +13,15 @@ fixture reads that file and draws each val image, and the train classes, from th
 
 Pixels encode what a test needs to check: channels G and B hold a per-class colour, channel R a
 horizontal ramp (so a crop's position is visible) plus a little per-image noise.
+
+Odd files (`odd=`, see ODD_KINDS): the real archives are not all clean baseline JPEGs. The train
+tar holds 22 CMYK JPEGs and one PNG named `.JPEG`; tfds' builder re-encodes those as RGB JPEGs,
+but only when the file name is on its lists (CMYK_IMAGES, PNG_IMAGES in
+tensorflow_datasets/datasets/imagenet2012/imagenet2012_dataset_builder.py). The fixture can write
+such files under listed names ("*_listed") and under names tfds does not know (stored as they
+are), plus damaged ones (a truncated JPEG, an HTML page named `.JPEG`). Decodable odd files are
+one solid colour (`OddFile.rgb`, what they must decode to), so they survive any crop and stand out
+from the ramped ones.
 """
 from __future__ import annotations
 
@@ -27,9 +36,44 @@ import numpy as np
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 
+# Odd files: kind -> (split, what is written). Names of "*_listed" kinds are on tfds' lists.
+ODD_KINDS = {
+    "cmyk_listed": ("train", "CMYK JPEG named n01739381_1309.JPEG (tfds CMYK_IMAGES)"),
+    "png_listed": ("train", "PNG named n02105855_2933.JPEG (tfds PNG_IMAGES)"),
+    "cmyk": ("train", "CMYK JPEG under a name tfds does not list"),
+    "png": ("train", "PNG under a .JPEG name tfds does not list"),
+    "truncated": ("train", "JPEG cut to half its bytes"),
+    "garbage": ("train", "an HTML page named .JPEG"),
+    "truncated_listed": ("train", "JPEG cut to half, named n02077923_14822.JPEG (tfds "
+                                  "CMYK_IMAGES): tfds' conversion of it fails while preparing"),
+    "val_cmyk": ("validation", "CMYK JPEG"),
+    "val_png": ("validation", "PNG under a .JPEG name"),
+    "val_truncated": ("validation", "JPEG cut to half its bytes"),
+}
+ODD_DECODABLE = ("cmyk_listed", "png_listed", "cmyk", "png", "val_cmyk", "val_png")
+ODD_CORRUPT = ("truncated", "garbage", "val_truncated")  # all prepare; none decodes
+_LISTED_NAMES = {"cmyk_listed": "n01739381_1309.JPEG", "png_listed": "n02105855_2933.JPEG",
+                 "truncated_listed": "n02077923_14822.JPEG"}
+# Solid colours of the decodable odd files: CMYK (K = 0, so every CMYK -> RGB formula agrees on
+# 255 - C, 255 - M, 255 - Y) or RGB.
+_ODD_COLOURS = {"cmyk_listed": (215, 40, 128, 0), "png_listed": (30, 200, 90),
+                "cmyk": (40, 200, 0, 0), "png": (200, 60, 150), "val_cmyk": (0, 128, 215, 0),
+                "val_png": (90, 30, 220)}
+
 # Distinct (G, B) colours, far apart so a JPEG-compressed, resized image still maps back.
 _PALETTE = ((40, 40), (40, 215), (215, 40), (215, 215), (128, 128), (40, 128), (128, 40),
             (215, 128), (128, 215), (85, 170), (170, 85), (0, 255))
+
+
+@dataclasses.dataclass(frozen=True)
+class OddFile:
+  """One odd file written by `write_imagenet_archives(odd=...)`."""
+  kind: str                            # a key of ODD_KINDS
+  split: str                           # "train" | "validation" (tfds split it lands in)
+  member: str                          # path in the archives, e.g. "X.tar/n1.tar/n1_4.JPEG"
+  label: int                           # tfds label index
+  on_tfds_list: bool                   # tfds' builder re-encodes it as an RGB JPEG
+  rgb: tuple[int, int, int] | None     # the solid colour it decodes to; None: it does not decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +86,7 @@ class ImagenetFixture:
   train_files: dict[str, int]          # file name -> label
   val_files: dict[str, int]            # file name -> label
   grayscale_files: tuple[str, ...]     # train JPEGs stored with one channel (as a few real ones)
+  odd_files: dict[str, OddFile] = dataclasses.field(default_factory=dict)  # file name -> OddFile
 
 
 def _tfds_imagenet_file(name: str) -> str:
@@ -79,6 +124,31 @@ def _jpeg(img: np.ndarray, grayscale: bool = False) -> bytes:
   return tf.io.encode_jpeg(img, quality=95).numpy()
 
 
+def _odd_bytes(kind: str, shape: tuple[int, int], rng: np.random.Generator
+               ) -> tuple[bytes, tuple[int, int, int] | None]:
+  """(encoded file, RGB it decodes to or None) for an odd `kind`."""
+  if kind in ("truncated", "truncated_listed", "val_truncated"):
+    data = _jpeg(_image(rng, _PALETTE[0], *shape))  # noisy: the cut lands in entropy-coded data
+    return data[:len(data) // 2], None
+  if kind == "garbage":
+    return b"<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n", None
+  colour = _ODD_COLOURS[kind]
+  if len(colour) == 4:  # CMYK: only PIL writes it (TensorFlow encodes grayscale and RGB only)
+    try:
+      from PIL import Image
+    except ImportError as e:
+      raise ImportError(f"odd file kind {kind!r} needs pillow to write a CMYK JPEG") from e
+    buf = io.BytesIO()
+    Image.new("CMYK", shape[::-1], colour).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    # What it should decode to, by PIL's reading of the file (independent of TensorFlow).
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64).mean((0, 1))
+    return data, tuple(int(round(v)) for v in rgb)
+  from bireal_jax.input_pipeline import tf
+  img = np.broadcast_to(np.array(colour, np.uint8), (*shape, 3))
+  return tf.io.encode_png(img).numpy(), colour
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
   info = tarfile.TarInfo(name)
   info.size = len(data)
@@ -86,7 +156,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_imagenet_archives(manual_dir: str, *, num_val: int = 4, train_per_class: int = 3,
-                            size: tuple[int, int] = (40, 48), seed: int = 0) -> ImagenetFixture:
+                            size: tuple[int, int] = (40, 48), seed: int = 0,
+                            odd: tuple[str, ...] = ()) -> ImagenetFixture:
   """Writes the two tars into `manual_dir` (created if needed).
 
   Args:
@@ -95,12 +166,23 @@ def write_imagenet_archives(manual_dir: str, *, num_val: int = 4, train_per_clas
     train_per_class: train images per class.
     size: (height, width) of landscape images; every other image is written transposed
       (portrait), so both orientations go through the resize-shorter-side logic.
+    odd: kinds of odd files to add (keys of ODD_KINDS, each at most once), on top of the regular
+      images. Train ones join their synset's tar: the "*_listed" ones under their tfds-listed
+      name (and synset), the others as `<synset>_<k>.JPEG` of the first class after its regular
+      images. Validation ones follow the regular ones (ILSVRC2012_val_<num_val + 1>... in the
+      order given) and get tfds' labels for those numbers.
   """
   if num_val < 1 or train_per_class < 1:
     raise ValueError(f"num_val={num_val} and train_per_class={train_per_class} must be >= 1")
+  odd = tuple(odd)
+  unknown = [k for k in odd if k not in ODD_KINDS]
+  if unknown or len(set(odd)) != len(odd):
+    raise ValueError(f"odd={odd}: expected distinct kinds from {sorted(ODD_KINDS)}")
   names = _read_lines(_tfds_imagenet_file("labels.txt"))
   index = {s: i for i, s in enumerate(names)}
-  val_synsets = _read_lines(_tfds_imagenet_file("validation_labels.txt"))[:num_val]
+  val_odd = [k for k in odd if ODD_KINDS[k][0] == "validation"]
+  all_val_synsets = _read_lines(_tfds_imagenet_file("validation_labels.txt"))
+  val_synsets = all_val_synsets[:num_val]
   synsets = tuple(dict.fromkeys(val_synsets))  # distinct, first-seen order
   if len(synsets) > len(_PALETTE):
     raise ValueError(f"num_val={num_val} spans {len(synsets)} classes; at most {len(_PALETTE)} "
@@ -113,30 +195,59 @@ def write_imagenet_archives(manual_dir: str, *, num_val: int = 4, train_per_clas
     return (h, w) if k % 2 == 0 else (w, h)
 
   os.makedirs(manual_dir, exist_ok=True)
-  train_files, gray = {}, []
+  train_files, gray, odd_files = {}, [], {}
+  members: dict[str, list[tuple[str, bytes]]] = {}  # synset -> its tar's files, in order
+  for c, s in enumerate(synsets):
+    for k in range(train_per_class):
+      fname = f"{s}_{k + 1}.JPEG"
+      is_gray = c == 0 and k == 0
+      members.setdefault(s, []).append(
+          (fname, _jpeg(_image(rng, color[s], *shape(k)), grayscale=is_gray)))
+      train_files[fname] = index[s]
+      if is_gray:
+        gray.append(fname)
+  k = train_per_class
+  for j, kind in enumerate(k for k in odd if ODD_KINDS[k][0] == "train"):
+    if kind in _LISTED_NAMES:
+      fname = _LISTED_NAMES[kind]
+    else:
+      k += 1
+      fname = f"{synsets[0]}_{k}.JPEG"
+    s = fname.split("_")[0]
+    data, rgb = _odd_bytes(kind, shape(j), rng)
+    members.setdefault(s, []).append((fname, data))
+    train_files[fname] = index[s]
+    odd_files[fname] = OddFile(kind=kind, split="train", member=f"{TRAIN_TAR}/{s}.tar/{fname}",
+                               label=index[s], on_tfds_list=kind in _LISTED_NAMES, rgb=rgb)
   with tarfile.open(os.path.join(manual_dir, TRAIN_TAR), "w") as outer:
-    for c, s in enumerate(synsets):
+    for s, files in members.items():
       inner_buf = io.BytesIO()
       with tarfile.open(fileobj=inner_buf, mode="w") as inner:
-        for k in range(train_per_class):
-          fname = f"{s}_{k + 1}.JPEG"
-          is_gray = c == 0 and k == 0
-          _add(inner, fname, _jpeg(_image(rng, color[s], *shape(k)), grayscale=is_gray))
-          train_files[fname] = index[s]
-          if is_gray:
-            gray.append(fname)
+        for fname, data in files:
+          _add(inner, fname, data)
       _add(outer, f"{s}.tar", inner_buf.getvalue())
-  val_files = {}
+  val_files, val_members = {}, []
+  for k in reversed(range(num_val)):  # drawn last to first, as the fixture always has
+    fname = f"ILSVRC2012_val_{k + 1:08d}.JPEG"
+    val_members.insert(0, (fname, _jpeg(_image(rng, color[val_synsets[k]], *shape(k)))))
+    val_files[fname] = index[val_synsets[k]]
+  for j, kind in enumerate(val_odd):
+    k = num_val + j
+    fname = f"ILSVRC2012_val_{k + 1:08d}.JPEG"
+    data, rgb = _odd_bytes(kind, shape(k), rng)
+    val_members.append((fname, data))
+    val_files[fname] = index[all_val_synsets[k]]
+    odd_files[fname] = OddFile(kind=kind, split="validation", member=f"{VAL_TAR}/{fname}",
+                               label=val_files[fname], on_tfds_list=False, rgb=rgb)
   with tarfile.open(os.path.join(manual_dir, VAL_TAR), "w") as tar:
     # Written in reverse: the builder must pair labels by sorted name, not by archive order.
-    for k in reversed(range(num_val)):
-      fname = f"ILSVRC2012_val_{k + 1:08d}.JPEG"
-      _add(tar, fname, _jpeg(_image(rng, color[val_synsets[k]], *shape(k))))
-      val_files[fname] = index[val_synsets[k]]
+    for fname, data in reversed(val_members):
+      _add(tar, fname, data)
   return ImagenetFixture(
       manual_dir=manual_dir, synsets=synsets, labels=tuple(index[s] for s in synsets),
       colors=tuple(color[s] for s in synsets), train_files=train_files,
-      val_files=dict(sorted(val_files.items())), grayscale_files=tuple(gray))
+      val_files=dict(sorted(val_files.items())), grayscale_files=tuple(gray),
+      odd_files=odd_files)
 
 
 def tiny_imagenet_dirs(folder: str, **kwargs) -> dict[str, str]:

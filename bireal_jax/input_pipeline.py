@@ -11,7 +11,8 @@ Config keys read (an ml_collections ConfigDict; a missing key takes its default)
                        "/usr/share/datasets/fashion-mnist" (Debian's dataset-fashion-mnist); read
                        directly when present, else tfds downloads the dataset.
                        imagenet2012: folder with ILSVRC2012_img_train.tar and
-                       ILSVRC2012_img_val.tar, needed once to prepare the tfds dataset; default <data_dir>/downloads/manual.
+                       ILSVRC2012_img_val.tar, needed once to prepare the tfds dataset;
+                       default <data_dir>/downloads/manual.
   image_size           side of the square model input: default 28 (fashion_mnist; other sizes are
                        resized bilinearly) and 224 (imagenet2012).
   eval_split           default "test" (fashion_mnist), "validation" (imagenet2012); a tfds-style
@@ -25,6 +26,9 @@ Config keys read (an ml_collections ConfigDict; a missing key takes its default)
                        crop, horizontal flip). imagenet2012: not used, train always gets the
                        official augmentation (RandomResizedCrop 0.08-1 + flip).
   prefetch             batches tf.data prefetches, default 2 (-1 = tf.data.AUTOTUNE).
+  bad_images           imagenet2012: what to do with images that do not decode (see below):
+                       "skip" (default; counted, logged by name, left out of the splits) or
+                       "error" (a ValueError naming them, before any batch is read).
 
 Semantics shared by both datasets:
   * Sharding: process p of n reads the p-th contiguous slice of the split (tfds.even_splits
@@ -41,15 +45,39 @@ Semantics shared by both datasets:
   * Images: float32 [H, W, C]; pixels scaled to [0, 1], then normalised with the dataset's
     per-channel mean/std (Fashion-MNIST's train set: 0.2860/0.3530; ImageNet's usual
     (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225)). Labels int32.
+
+ImageNet's odd and damaged files:
+  * Decoding looks at the bytes, not the name: JPEGs (grayscale, RGB and CMYK alike) go through
+    the JPEG decoder, anything else (the archive's PNG named .JPEG) through tf.io.decode_image;
+    every image comes out RGB. tfds' builder re-encodes the 22 CMYK JPEGs and the PNG of the real
+    train archive as RGB JPEGs, but only those whose names are on its lists; an odd file under
+    another name is stored as it is, and still decodes here.
+  * Damaged images (a truncated JPEG, a file that is no image) are found before the first batch:
+    the first use of a split (dataset_info, create_train_iter, create_eval_iter) decodes every
+    image of it once (JPEGs at 1/8 scale, which still reads all their data; minutes for the full
+    train split on a many-core host) and records the outcome in
+    <builder.data_dir>/bireal_jax_decode_check.<split>.json, which later runs read instead.
+    Each bad image is named by its path in the archives (e.g.
+    ILSVRC2012_img_train.tar/n01440764.tar/n01440764_10026.JPEG) with the decoder's error.
+    bad_images="skip": they are logged (a warning per file, and the count) and left out of the
+    split as if never there: num_train / num_eval, the shards and the epochs count only the
+    images that decode, so no epoch meets one. bad_images="error": ValueError listing them.
+    `imagenet_bad_images(config, split)` returns them.
+  * A damaged file that tfds itself converts (a name on its CMYK/PNG lists) fails the
+    preparation; the error then names the file in the archive.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
 import re
+import time
+import uuid
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -79,13 +107,19 @@ from bireal_jax.idx_files import (FMNIST_DIR, FMNIST_FILE_NAMES, FMNIST_FILES,  
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+_SPLIT_ARCHIVES = {"train": IMAGENET_ARCHIVES[0], "validation": IMAGENET_ARCHIVES[1],
+                   "test": "ILSVRC2012_img_test.tar"}
+BAD_IMAGES = ("skip", "error")
+_CHECK_FILE = "bireal_jax_decode_check.{split}.json"
+_CHECK_VERSION = 1
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 RRC_ATTEMPTS = 10  # as torchvision RandomResizedCrop
 
 _DEFAULTS = {
     "fashion_mnist": dict(image_size=28, eval_split="test", manual_dir=FMNIST_DIR),
-    "imagenet2012": dict(image_size=224, eval_split="validation", manual_dir=None),
+    "imagenet2012": dict(image_size=224, eval_split="validation", manual_dir=None,
+                         bad_images="skip"),
 }
 
 
@@ -356,9 +390,33 @@ def _imagenet_builder_cached(data_dir, manual_dir):
         "(preparation runs once and writes the dataset under data_dir).")
   logging.info("Preparing imagenet2012 from %s into %s (once; hours for the full archives)",
                manual_dir, builder.data_dir)
+  _name_conversion_failures(builder)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
+
+
+def _name_conversion_failures(builder) -> None:
+  """Makes a failure of tfds' CMYK/PNG re-encoding (train files on its lists) name the file.
+
+  tfds' imagenet2012 builder calls `self._fix_image(file_name, fobj)` for every train image and
+  re-encodes the listed ones with TensorFlow, whose error says nothing of which file it was.
+  """
+  fix = getattr(builder, "_fix_image", None)
+  if fix is None:  # another tfds version: its own errors stand
+    return
+
+  def fix_image(image_fname, image):
+    try:
+      return fix(image_fname, image)
+    except Exception as e:
+      raise ValueError(
+          "imagenet2012 preparation: tfds could not re-encode "
+          f"{_archive_path('train', image_fname)} (a name on its list of CMYK/PNG images it "
+          "converts to RGB JPEG): "
+          f"{_tf_error_text(e).rstrip('.')}. The archive is damaged; download it again.") from e
+
+  builder._fix_image = fix_image
 
 
 def imagenet_builder(config):
@@ -368,6 +426,179 @@ def imagenet_builder(config):
 
 def _imagenet_sizes(builder) -> dict[str, int]:
   return {name: info.num_examples for name, info in builder.info.splits.items()}
+
+
+# --------------------------------------------------------------------------- damaged images
+
+@dataclasses.dataclass(frozen=True)
+class BadImage:
+  """An image of a prepared imagenet2012 split that does not decode."""
+  split: str      # tfds split name
+  index: int      # position in the split (tfds order, as "train[index]")
+  file_name: str  # tfds' file_name feature
+  path: str       # where it is in the archives, e.g. "ILSVRC2012_img_val.tar/ILSVRC2012_val_..."
+  error: str      # the decoder's message
+
+
+def _archive_path(split: str, file_name: str) -> str:
+  archive = _SPLIT_ARCHIVES.get(split, split)
+  if split == "train":  # the train tar holds one tar per synset: n01440764.tar/n01440764_*.JPEG
+    return f"{archive}/{file_name.split('_')[0]}.tar/{file_name}"
+  return f"{archive}/{file_name}"
+
+
+def _tf_error_text(e: BaseException) -> str:
+  msg = getattr(e, "message", None) or str(e)
+  msg = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", msg)
+  msg = re.sub(r"\s*\[Op:\w+\](\s*name:\s*\S*)?", "", msg)
+  return " ".join(msg.split()) or type(e).__name__
+
+
+def _bad_images_policy(config) -> str:
+  policy = _get(config, "bad_images")
+  if policy not in BAD_IMAGES:
+    raise ValueError(f"bad_images={policy!r}; expected one of {list(BAD_IMAGES)}")
+  return policy
+
+
+def _describe_bad(builder, split: str, index: int) -> BadImage:
+  """Re-reads example `index` alone, for its file name and the decoder's error message."""
+  file_name, error = "?", "its record could not be read"
+  try:
+    ex = next(iter(_imagenet_read(builder, f"{split}[{index}:{index + 1}]", shuffle_seed=None)))
+    file_name = ex["file_name"].numpy().decode("utf-8", "replace")
+    try:
+      decode_rgb(ex["image"], ratio=8)
+      error = "failed to decode in the check pass, decodes when read alone"
+    except tf.errors.OpError as e:
+      error = _tf_error_text(e)
+  except (tf.errors.OpError, StopIteration) as e:
+    error = f"its record could not be read: {_tf_error_text(e)}"
+  return BadImage(split=split, index=index, file_name=file_name,
+                  path=_archive_path(split, file_name) if file_name != "?" else
+                  f"{split}[{index}] (name unreadable)", error=error)
+
+
+def _scan_split(builder, split: str, num_examples: int) -> tuple[BadImage, ...]:
+  """Decodes every image of `split` (JPEGs at 1/8 scale: all their data is still read)."""
+  ds = _imagenet_read(builder, split, shuffle_seed=None).enumerate()
+  # The shape of the decoded image needs the decode to have run to its end.
+  ds = ds.map(lambda i, ex: (i, tf.shape(decode_rgb(ex["image"], ratio=8))),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.ignore_errors().map(lambda i, _: i).batch(4096)
+  ok = np.zeros(num_examples, bool)
+  for idx in ds.as_numpy_iterator():
+    ok[idx] = True
+  return tuple(_describe_bad(builder, split, int(i)) for i in np.flatnonzero(~ok))
+
+
+def _check_path(builder, split: str) -> str:
+  return os.path.join(os.fspath(builder.data_dir), _CHECK_FILE.format(split=split))
+
+
+def _read_check(path: str, split: str, num_examples: int):
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      rec = json.load(f)
+    if (rec.get("version"), rec.get("split"), rec.get("num_examples")) == (
+        _CHECK_VERSION, split, num_examples):
+      return tuple(BadImage(**b) for b in rec["bad"])
+    logging.info("%s is for another preparation of the dataset; checking again", path)
+  except tf.errors.NotFoundError:
+    pass
+  except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as e:
+    logging.warning("%s unreadable (%s: %s); checking again", path, type(e).__name__, e)
+  return None
+
+
+def _write_check(path: str, split: str, num_examples: int, bad, seconds: float) -> None:
+  rec = {"version": _CHECK_VERSION, "split": split, "num_examples": num_examples,
+         "seconds": round(seconds, 1), "bad": [dataclasses.asdict(b) for b in bad]}
+  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  try:  # written aside, then renamed: several processes may check at once
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      json.dump(rec, f, indent=1)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  except (OSError, tf.errors.OpError) as e:
+    logging.warning("could not record the decode check of imagenet2012 %s in %s (%s); it will "
+                    "run again next time", split, path, e)
+
+
+@functools.lru_cache(maxsize=16)
+def _bad_images_cached(builder, split: str) -> tuple[BadImage, ...]:
+  num_examples = _imagenet_sizes(builder)[split]
+  path = _check_path(builder, split)
+  bad = _read_check(path, split, num_examples)
+  if bad is None:
+    logging.info("imagenet2012 %s: checking that its %d images decode (once; recorded in %s)",
+                 split, num_examples, path)
+    t0 = time.time()
+    bad = _scan_split(builder, split, num_examples)
+    seconds = time.time() - t0
+    logging.info("imagenet2012 %s: decode check done in %.1f s, %d of %d images do not decode",
+                 split, seconds, len(bad), num_examples)
+    _write_check(path, split, num_examples, bad, seconds)
+  return bad
+
+
+_SKIPS_LOGGED: set = set()
+
+
+def _usable(config, builder, split: str) -> tuple[str, int, int, tuple[int, ...]]:
+  """(name, start, end, sorted indices of the bad images in [start, end)) of a split spec.
+
+  Applies `bad_images`: raises for "error", logs the skipped files once for "skip".
+  """
+  policy = _bad_images_policy(config)
+  name, start, end = resolve_split(split, _imagenet_sizes(builder))
+  bad = [b for b in _bad_images_cached(builder, name) if start <= b.index < end]
+  if bad:
+    shown = 20
+    listing = "\n".join(f"  {b.path}: {b.error}" for b in bad[:shown])
+    if len(bad) > shown:
+      listing += f"\n  ... and {len(bad) - shown} more"
+    head = (f"imagenet2012 {split}: {len(bad)} of {end - start} images do not decode "
+            f"(recorded in {_check_path(builder, name)})")
+    if policy == "error":
+      raise ValueError(f"{head}; bad_images='error' (bad_images='skip' leaves them out):\n"
+                       f"{listing}")
+    if (builder.data_dir, split) not in _SKIPS_LOGGED:
+      _SKIPS_LOGGED.add((builder.data_dir, split))
+      for b in bad:
+        logging.warning("imagenet2012 %s: skipping %s (%s)", split, b.path, b.error)
+      logging.warning("%s; skipping them (bad_images='skip'): %d images used", head,
+                      end - start - len(bad))
+  return name, start, end, tuple(sorted(b.index for b in bad))
+
+
+def _good_ranges(start: int, end: int, bad, lo: int, hi: int) -> list[tuple[int, int]]:
+  """[a, b) index ranges holding the lo-th to (hi-1)-th good image of [start, end).
+
+  `bad`: sorted indices left out. With none, this is [(start + lo, start + hi)].
+  """
+  out, seen, a = [], 0, start
+  for stop in [*(i for i in bad if start <= i < end), end]:
+    n = stop - a  # good images in [a, stop)
+    x, y = max(lo - seen, 0), min(hi - seen, n)
+    if x < y:
+      out.append((a + x, a + y))
+    seen, a = seen + n, stop + 1
+  return out
+
+
+def _split_of(name: str, ranges, at: int) -> str:
+  """tfds split string of index ranges ("train[0:5]+train[6:9]"), `name[at:at]` when empty."""
+  return "+".join(f"{name}[{a}:{b}]" for a, b in ranges) if ranges else f"{name}[{at}:{at}]"
+
+
+def imagenet_bad_images(config, split: str = "train") -> tuple[BadImage, ...]:
+  """The images of `split` (a name or a slice, e.g. "validation[:1000]") that do not decode.
+
+  Runs the decode check the first time (see the module docstring); ignores `bad_images`.
+  """
+  builder = imagenet_builder(config)
+  name, start, end = resolve_split(split, _imagenet_sizes(builder))
+  return tuple(b for b in _bad_images_cached(builder, name) if start <= b.index < end)
 
 
 def random_resized_crop_window(image_hw, key):
@@ -402,19 +633,49 @@ def _normalise_rgb(x):
   return (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def imagenet_train_image(jpeg, size: int, key):
-  """Encoded JPEG -> RandomResizedCrop(size) + flip + normalise, float32 [size, size, 3]."""
-  window = random_resized_crop_window(tf.image.extract_jpeg_shape(jpeg)[:2], key)
-  x = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)  # decodes only the window
+def _is_jpeg(encoded):
+  return tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")  # SOI + first marker
+
+
+def _decode_other(encoded):
+  """A non-JPEG image (PNG, GIF: first frame, BMP, WebP) -> uint8 [H, W, 3]."""
+  x = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  x.set_shape([None, None, 3])
+  return x
+
+
+def decode_rgb(encoded, ratio: int = 1):
+  """Encoded image -> uint8 [H, W, 3], by its bytes (a PNG named .JPEG decodes as PNG).
+
+  Grayscale and CMYK JPEGs come out RGB. `ratio` (1, 2, 4, 8) scales JPEGs down while decoding.
+  """
+  return tf.cond(_is_jpeg(encoded),
+                 lambda: tf.io.decode_jpeg(encoded, channels=3, ratio=ratio),
+                 lambda: _decode_other(encoded))
+
+
+def imagenet_train_image(encoded, size: int, key):
+  """Encoded image -> RandomResizedCrop(size) + flip + normalise, float32 [size, size, 3]."""
+
+  def jpeg():
+    window = random_resized_crop_window(tf.image.extract_jpeg_shape(encoded)[:2], key)
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)  # decodes the window only
+
+  def other():
+    x = _decode_other(encoded)
+    y0, x0, h, w = tf.unstack(random_resized_crop_window(tf.shape(x)[:2], key))
+    return x[y0:y0 + h, x0:x0 + w]
+
+  x = tf.cond(_is_jpeg(encoded), jpeg, other)
   x = tf.image.resize(x, [size, size], method="bilinear", antialias=True)
   flip = tf.random.stateless_uniform([], seed=_fold(key, 1)) < 0.5
   x = tf.where(flip, tf.reverse(x, [1]), x)
   return tf.cast(_normalise_rgb(x), tf.float32)
 
 
-def imagenet_eval_image(jpeg, size: int):
-  """Encoded JPEG -> resize shorter side to 256*size/224, centre crop size, normalise."""
-  x = tf.image.decode_jpeg(jpeg, channels=3)
+def imagenet_eval_image(encoded, size: int):
+  """Encoded image -> resize shorter side to 256*size/224, centre crop size, normalise."""
+  x = decode_rgb(encoded)
   h, w = tf.unstack(tf.cast(tf.shape(x)[:2], tf.float64))
   short = float(round(256 * size / 224))
   # As torchvision Resize(int): shorter side -> `short`, the longer one truncated, not rounded.
@@ -441,15 +702,29 @@ def _imagenet_read(builder, split: str, *, shuffle_seed: int | None):
                                   skip_prefetch=True, options=_read_options()))
 
 
+@contextlib.contextmanager
+def _decode_errors_explained(builder, split: str, where: str):
+  """A decode error despite the decode check (the dataset changed since?) says so, and where."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError as e:
+    raise RuntimeError(
+        f"imagenet2012 {where}: an image failed to decode ({_tf_error_text(e)}) although the "
+        f"decode check recorded in {_check_path(builder, split)} passed it: were the dataset "
+        "files rewritten since? Delete that record to check them again, and see which file it "
+        "is.") from e
+
+
 def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
   builder = imagenet_builder(config)
-  total = _imagenet_sizes(builder)["train"]
-  a, b = shard_range(0, total, pidx, pcount, drop_remainder=True)
+  _, start, end, bad = _usable(config, builder, "train")  # before any epoch: raises or skips
+  a, b = shard_range(0, end - start - len(bad), pidx, pcount, drop_remainder=True)
   steps = (b - a) // batch_size
   if steps < 1:
     raise ValueError(f"batch_size={batch_size} exceeds the {b - a} train examples of "
                      f"process {pidx}")
-  split, size = f"train[{a}:{b}]", _image_size(config)
+  split = _split_of("train", _good_ranges(start, end, bad, a, b), start + a)
+  size = _image_size(config)
   buffer = int(config.get("shuffle_buffer_size", None) or 16384)
   key0 = _base_key(seed, pidx)
   cached = _imagenet_read(builder, split, shuffle_seed=None).cache() if config.get(
@@ -474,7 +749,8 @@ def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
   def batches():
     e, skip = divmod(int(start_step), steps)
     while True:
-      yield from epoch_batches(e, skip)
+      with _decode_errors_explained(builder, "train", f"train epoch {e}"):
+        yield from epoch_batches(e, skip)
       e, skip = e + 1, 0
 
   return batches()
@@ -492,13 +768,22 @@ def _imagenet_eval_dataset(builder, split, size, cache):
 
 def _imagenet_eval(config, batch_size, split, pidx, pcount):
   builder = imagenet_builder(config)
-  name, start, end = resolve_split(split, _imagenet_sizes(builder))
-  a, b = shard_range(start, end, pidx, pcount, drop_remainder=False)
+  name, start, end, bad = _usable(config, builder, split)
+  num_good = end - start - len(bad)
+  a, b = shard_range(0, num_good, pidx, pcount, drop_remainder=False)
   size = _image_size(config)
   # Memoised, so an in-memory cache survives from one evaluation to the next.
-  ds = _imagenet_eval_dataset(builder, f"{name}[{a}:{b}]", size, bool(config.get("cache", False)))
-  return _pad_and_batch(ds, b - a, _eval_batches(end - start, pcount, batch_size), batch_size,
-                        (size, size, 3), _prefetch(config))
+  ds = _imagenet_eval_dataset(builder, _split_of(name, _good_ranges(start, end, bad, a, b),
+                                                 start + a),
+                              size, bool(config.get("cache", False)))
+  it = _pad_and_batch(ds, b - a, _eval_batches(num_good, pcount, batch_size), batch_size,
+                      (size, size, 3), _prefetch(config))
+
+  def batches():
+    with _decode_errors_explained(builder, name, f"eval of {split}"):
+      yield from it
+
+  return batches()
 
 
 # --------------------------------------------------------------------------- shared
@@ -513,18 +798,23 @@ def _pad_and_batch(ds, num_real: int, num_batches: int, batch_size: int, image_s
 
 
 def dataset_info(config) -> DatasetInfo:
-  """Classes, preprocessed image shape and split sizes (prepares ImageNet if needed)."""
+  """Classes, preprocessed image shape and split sizes (ImageNet: the images that decode;
+  prepares the dataset and runs the decode check if needed)."""
   name, size = _dataset(config), _image_size(config)
   eval_split = str(_get(config, "eval_split"))
   if name == "fashion_mnist":
-    sizes, classes, shape = _fmnist_sizes(), 10, (size, size, 1)
-  else:
-    builder = imagenet_builder(config)
-    sizes = _imagenet_sizes(builder)
-    classes, shape = builder.info.features["label"].num_classes, (size, size, 3)
-  _, start, end = resolve_split(eval_split, sizes)
-  return DatasetInfo(num_classes=classes, image_shape=shape, num_train=sizes["train"],
-                     num_eval=end - start, eval_split=eval_split)
+    sizes = _fmnist_sizes()
+    _, start, end = resolve_split(eval_split, sizes)
+    return DatasetInfo(num_classes=10, image_shape=(size, size, 1), num_train=sizes["train"],
+                       num_eval=end - start, eval_split=eval_split)
+  builder = imagenet_builder(config)
+  num = {}
+  for key, split in (("train", "train"), ("eval", eval_split)):  # images that decode
+    _, start, end, bad = _usable(config, builder, split)
+    num[key] = end - start - len(bad)
+  return DatasetInfo(num_classes=builder.info.features["label"].num_classes,
+                     image_shape=(size, size, 3), num_train=num["train"], num_eval=num["eval"],
+                     eval_split=eval_split)
 
 
 def create_train_iter(config, *, batch_size: int, seed: int, start_step: int = 0,

@@ -202,3 +202,176 @@ def test_tiny_imagenet_dirs_for_a_dry_run(tmp_path):
     assert len(tar.getnames()) == 2  # one per-synset tar per class
   stamp = train.stat().st_mtime_ns
   assert fx.tiny_imagenet_dirs(str(tmp_path)) == dirs and train.stat().st_mtime_ns == stamp
+
+
+# --------------------------------------------------------------------------- odd and damaged files
+
+ODD_KINDS = fx.ODD_DECODABLE + fx.ODD_CORRUPT
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+  """The tiny archives plus CMYK / PNG files (on tfds' lists and not) and damaged ones."""
+  pytest.importorskip("PIL.Image", reason="pillow writes the CMYK JPEGs")
+  root = tmp_path_factory.mktemp("imagenet_odd")
+  fixture = fx.write_imagenet_archives(str(root / "manual"), odd=ODD_KINDS)
+  cfg = ml_collections.ConfigDict(dict(
+      dataset="imagenet2012", data_dir=str(root / "tfds"), manual_dir=fixture.manual_dir,
+      image_size=SIZE, shuffle_buffer_size=32))
+  ip.imagenet_builder(cfg)  # prepared; the decode check runs on first use of a split
+  return fixture, cfg
+
+
+def odd_of(fixture, split, decodable):
+  return {n: o for n, o in fixture.odd_files.items()
+          if o.split == split and (o.rgb is not None) == decodable}
+
+
+def solid_colours(images):
+  """[(index, mean RGB in 0..255)] of the images that are one flat colour."""
+  rgb = (np.asarray(images, np.float64) * STD + MEAN) * 255
+  return [(i, x.mean((0, 1))) for i, x in enumerate(rgb) if x.std((0, 1)).max() < 2.5]
+
+
+def test_tfds_reencodes_only_the_odd_files_on_its_lists(odd):
+  import tensorflow as tf
+  fixture, cfg = odd
+  builder = ip.imagenet_builder(cfg)
+  stored = {}
+  for split in ("train", "validation"):
+    ds = builder.as_dataset(split=split, decoders={"image": ip.tfds.decode.SkipDecoding()})
+    stored.update({ex["file_name"].decode(): (ex["image"], int(ex["label"]))
+                   for ex in ds.as_numpy_iterator()})
+  assert {n: y for n, (_, y) in stored.items()} == {**fixture.train_files, **fixture.val_files}
+  for name, o in fixture.odd_files.items():
+    data = stored[name][0]
+    if o.kind in ("cmyk_listed", "png_listed"):  # converted by the builder: RGB baseline JPEG
+      assert data[:3] == b"\xff\xd8\xff" and tf.image.extract_jpeg_shape(data)[2] == 3, name
+    elif o.kind in ("cmyk", "val_cmyk"):  # not on tfds' list: still CMYK (4 components)
+      assert data[:3] == b"\xff\xd8\xff" and tf.image.extract_jpeg_shape(data)[2] == 4, name
+    elif o.kind in ("png", "val_png"):  # not on tfds' list: still a PNG, named .JPEG
+      assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as tfds_in
+  listed = set(tfds_in.CMYK_IMAGES) | set(tfds_in.PNG_IMAGES)
+  assert {n: n in listed for n in fixture.odd_files} == {
+      n: o.on_tfds_list for n, o in fixture.odd_files.items()}
+  assert "n02105855_2933.JPEG" in tfds_in.PNG_IMAGES
+
+
+def test_odd_files_decode_to_rgb_through_train_and_eval(odd):
+  fixture, cfg = odd
+  # One train epoch in one batch: the 16 images that decode (18 minus the 2 damaged ones).
+  batch = next(ip.create_train_iter(cfg, batch_size=16, seed=0, process_index=0,
+                                    process_count=1))
+  evals = list(ip.create_eval_iter(cfg, batch_size=8, process_index=0, process_count=1))
+  assert batch["image"].shape == (16, SIZE, SIZE, 3) and evals[0]["image"].shape[-1] == 3
+  real = evals[0]["mask"] == 1  # 6 images that decode, then padding
+  assert len(evals) == 1 and real.sum() == 6
+  for split, images, labels in (("train", batch["image"], batch["label"]),
+                                ("validation", evals[0]["image"][real], evals[0]["label"][real])):
+    expected = odd_of(fixture, split, decodable=True)
+    solid = solid_colours(images)
+    # Only the odd files are flat (the regular ones carry a ramp), and each is found once, in
+    # its own colour (within JPEG tolerance) and with its label.
+    assert len(solid) == len(expected), (split, len(solid))
+    for name, o in expected.items():
+      hits = [i for i, c in solid if np.abs(c - o.rgb).max() < 4]
+      assert len(hits) == 1, (name, o.rgb, [c.round() for _, c in solid])
+      assert labels[hits[0]] == o.label, name
+
+
+def test_damaged_images_are_named_counted_and_skipped_before_training(odd, caplog,
+                                                                      monkeypatch):
+  fixture, cfg = odd
+  ip._SKIPS_LOGGED.clear()  # the warnings come once per process; show them again here
+  with caplog.at_level("WARNING"):
+    info = ip.dataset_info(cfg)
+  damaged = {s: odd_of(fixture, s, decodable=False) for s in ("train", "validation")}
+  assert (info.num_train, info.num_eval) == (
+      len(fixture.train_files) - len(damaged["train"]),
+      len(fixture.val_files) - len(damaged["validation"]))
+  for split, files in damaged.items():
+    bad = ip.imagenet_bad_images(cfg, split)
+    assert {b.file_name: b.path for b in bad} == {n: o.member for n, o in files.items()}
+    assert all(b.error for b in bad)
+    for o in files.values():
+      assert f"skipping {o.member}" in caplog.text
+  assert "2 of 18 images do not decode" in caplog.text and "1 of 7" in caplog.text
+  # Recorded next to the dataset: a new process reads the record instead of decoding again.
+  ip._bad_images_cached.cache_clear()
+  monkeypatch.setattr(ip, "_scan_split", lambda *a: pytest.fail("checked again"))
+  assert len(ip.imagenet_bad_images(cfg, "train")) == 2
+  # Epochs, shards and eval never meet a damaged image: every good one appears once.
+  good_train = collections.Counter(
+      y for n, y in fixture.train_files.items() if n not in damaged["train"])
+  kw = dict(batch_size=4, seed=1)
+  labels = collections.Counter()
+  for p in range(2):
+    it = ip.create_train_iter(cfg, process_index=p, process_count=2, **kw)
+    labels.update(int(y) for b in take(it, 2) for y in b["label"])  # one epoch of 8 each
+  assert labels == good_train
+  ref = take(ip.create_train_iter(cfg, process_index=0, process_count=1, **kw), 6)
+  resumed = take(ip.create_train_iter(cfg, start_step=5, process_index=0, process_count=1, **kw),
+                 1)
+  np.testing.assert_array_equal(resumed[0]["image"], ref[5]["image"])
+  per = [list(ip.create_eval_iter(cfg, batch_size=4, process_index=p, process_count=2))
+         for p in range(2)]
+  got = sorted(int(y) for bs in per for b in bs for y, m in zip(b["label"], b["mask"]) if m)
+  assert got == sorted(y for n, y in fixture.val_files.items() if n not in damaged["validation"])
+  assert [len(bs) for bs in per] == [1, 1]
+
+
+def test_bad_images_error_names_every_damaged_file(odd):
+  fixture, cfg = odd
+  strict = ml_collections.ConfigDict(dict(cfg.to_dict(), bad_images="error"))
+  with pytest.raises(ValueError, match="2 of 18 images do not decode"):
+    ip.dataset_info(strict)
+  with pytest.raises(ValueError, match="bad_images='error'") as train_error:
+    ip.create_train_iter(strict, batch_size=4, seed=0, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="1 of 7 images do not decode") as eval_error:
+    ip.create_eval_iter(strict, batch_size=4, process_index=0, process_count=1)
+  for split, e in (("train", train_error), ("validation", eval_error)):
+    for o in odd_of(fixture, split, decodable=False).values():
+      assert o.member in str(e.value)
+  # A slice without the damaged image is fine.
+  (bad,) = ip.imagenet_bad_images(cfg, "validation")
+  j = 0 if bad.index else 1
+  batches = list(ip.create_eval_iter(strict, batch_size=2, split=f"validation[{j}:{j + 1}]",
+                                     process_index=0, process_count=1))
+  assert [b["mask"].tolist() for b in batches] == [[1, 0]]
+  with pytest.raises(ValueError, match="bad_images='ignore'"):
+    ip.dataset_info(ml_collections.ConfigDict(dict(cfg.to_dict(), bad_images="ignore")))
+
+
+def test_decode_error_the_check_missed_says_where_and_what_to_do(odd, monkeypatch):
+  _, cfg = odd
+  # As if the record had passed every image (dataset files rewritten after the check).
+  monkeypatch.setattr(ip, "_bad_images_cached", lambda builder, split: ())
+  with pytest.raises(RuntimeError, match="eval of validation: an image failed to decode") as e:
+    list(ip.create_eval_iter(cfg, batch_size=8, process_index=0, process_count=1))
+  assert "bireal_jax_decode_check.validation.json" in str(e.value)
+
+
+def test_damaged_file_tfds_converts_fails_preparation_with_its_name(tmp_path):
+  pytest.importorskip("PIL.Image", reason="the fixture's odd files need pillow")
+  fixture = fx.write_imagenet_archives(str(tmp_path / "manual"), num_val=1, train_per_class=1,
+                                       odd=("truncated_listed",))
+  cfg = ml_collections.ConfigDict(dict(dataset="imagenet2012", data_dir=str(tmp_path / "tfds"),
+                                       manual_dir=fixture.manual_dir))
+  (member,) = [o.member for o in fixture.odd_files.values()]
+  assert member == f"{fx.TRAIN_TAR}/n02077923.tar/n02077923_14822.JPEG"  # on tfds' CMYK list
+  with pytest.raises(ValueError, match="could not re-encode") as e:
+    ip.dataset_info(cfg)
+  assert member in str(e.value) and "download it again" in str(e.value)
+
+
+def test_good_ranges_leave_out_the_bad_indices():
+  assert ip._good_ranges(0, 10, (), 2, 7) == [(2, 7)]
+  assert ip._good_ranges(5, 15, (), 0, 10) == [(5, 15)]
+  # Good images of [0, 10) without 3 and 4: 0 1 2 5 6 7 8 9; the 2nd to 5th are 2 5 6 7.
+  assert ip._good_ranges(0, 10, (3, 4), 2, 6) == [(2, 3), (5, 8)]
+  assert ip._good_ranges(0, 10, (0, 9), 0, 8) == [(1, 9)]
+  assert ip._good_ranges(2, 6, (0, 3, 8), 0, 3) == [(2, 3), (4, 6)]
+  assert ip._good_ranges(0, 4, (1,), 3, 3) == []
+  assert ip._split_of("train", [(2, 3), (5, 8)], 0) == "train[2:3]+train[5:8]"
+  assert ip._split_of("validation", [], 4) == "validation[4:4]"
