@@ -3,14 +3,18 @@
 Layout of a workdir:
   config.json           the run's config and its identity (model, image shape, classes, dataset)
   checkpoints/<step>/   `state` (TrainState as a PyTree) + `meta` (JSON: step, epoch, ...)
-Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it), so a
-crash never leaves a half-written step behind; a step that is unreadable anyway (truncated or
-corrupted on disk) is skipped with a warning in favour of the previous one.
+Saves are asynchronous and atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it),
+so a crash never leaves a half-written step behind: Orbax lists only renamed steps and deletes
+the temporary directories when the next run opens the directory. A step that is unreadable
+anyway (truncated or corrupted on disk) is skipped with a warning in favour of the previous one.
+A save that fails (disk full, unwritable directory) raises `CheckpointError` naming the
+directory; older steps are deleted only after a save succeeds, so the previous one stays.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -48,8 +52,15 @@ class Checkpoints:
   def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1000,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    self.manager = _manager(directory, keep=keep, every_steps=every_steps,
-                            async_save=async_save)
+    try:
+      self.manager = _manager(directory, keep=keep, every_steps=every_steps,
+                              async_save=async_save)
+    except OSError as e:
+      raise CheckpointError(f"cannot create the checkpoint directory {self.directory} "
+                            f"({type(e).__name__}: {_short(e)}): expected a writable "
+                            f"directory") from e
+    self._in_flight = None  # the step of the async save not yet known to have finished
+    self._failed = None  # the step whose save failed (reported once)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -59,10 +70,37 @@ class Checkpoints:
 
   def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
     """Start saving `state` (a PyTree of global arrays) at `step`; True if a save started."""
-    if step in self.manager.all_steps():
+    if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):
       return False
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    # Orbax waits for the previous save inside `save` too; waiting here first tells whose
+    # error it is (the previous step's, not this one's).
+    self.wait()
+    try:
+      started = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # OSError from Python writes, ValueError from TensorStore's
+      raise self._save_failed(step, e) from e
+    if started:
+      self._in_flight = step
+    return started
+
+  def _save_failed(self, step: int, e: Exception) -> CheckpointError:
+    self._failed, self._in_flight = step, None
+    try:  # Orbax dropped the failed step from its list; re-read what is on disk
+      self.manager.reload()
+      good = self.manager.latest_step()
+    except Exception:
+      good = None
+    size = _dir_size(os.path.join(self.directory, str(good))) if good is not None else 0
+    return CheckpointError(
+        f"saving checkpoint step {step} to {self.directory} failed: {_io_reason(e)} "
+        f"({type(e).__name__}: {_short(e, 200)}): expected a writable directory with free "
+        f"space for a checkpoint (the last one takes {size / 2**20:.2f} MiB). "
+        + (f"The previous checkpoint (step {good}) is intact: free space or fix the "
+           f"directory, then run the same command again to resume from it."
+           if good is not None else
+           "No checkpoint was written yet: free space or fix the directory, then start "
+           "again."))
 
   def restore(self, abstract_state) -> Optional[tuple[Any, dict, int]]:
     """Newest readable checkpoint as `(state, meta, step)`, or None when there is none.
@@ -120,17 +158,63 @@ class Checkpoints:
     self.manager.reload()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Block until the async save in flight is written; `CheckpointError` if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      if self._in_flight is None:
+        raise
+      raise self._save_failed(self._in_flight, e) from e
+    self._in_flight = None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Wait for the save in flight and close; a failure already reported is not raised again
+    (it would replace the error that ends the run)."""
+    error = None
+    if self._failed is None:
+      try:
+        self.wait()
+      except CheckpointError as e:
+        error = e
+    try:
+      self.manager.close()
+    except Exception:
+      if self._failed is None and error is None:
+        raise  # an Orbax error after a successful wait: not ours to hide
+    if error is not None:
+      raise error
 
 
 def _sync(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def _dir_size(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
+
+
+def _io_reason(e: BaseException) -> str:
+  """The operating system's reason for a failed write, e.g. 'No space left on device (errno
+  28) writing "<file>"', from the exception's chain: OSErrors and TensorStore's messages
+  (`... local file "<file>" ... [os_error_code='28']`); 'unknown reason' when it has none."""
+  reason = path = None
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    text = str(e)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if isinstance(e, OSError) and e.errno:
+      reason = reason or f"{os.strerror(e.errno)} (errno {e.errno})"
+      path = path or e.filename
+    elif code:
+      reason = reason or f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+      name = re.search(r'local file "([^"]+)"', text)
+      path = path or (name.group(1) if name else None)
+    e = e.__cause__ or e.__context__
+  return (reason or "unknown reason") + (f' writing "{path}"' if path else "")
 
 
 def _short(e: Exception, n: int = 300) -> str:

@@ -10,6 +10,10 @@ unknown key is an error, and `bireal_jax.config.validate` rejects impossible val
 any work starts. Several hosts: give every process the same command plus
 `--config.coordinator_address=HOST:PORT --config.num_processes=N --config.process_id=I`
 (or run under SLURM / Open MPI, which JAX detects).
+
+A training run holds WORKDIR/workdir.lock while it runs: a second job on the same workdir is
+refused before any work, and a dead job's lock is taken over (`bireal_jax.workdir_lock`,
+docs/reliability.md). `--mode=eval` only reads checkpoints and takes no lock.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bireal_jax import config as config_lib
+from bireal_jax import workdir_lock
 from bireal_jax.ops.cpu import host_malloc
 
 FLAGS = flags.FLAGS
@@ -35,6 +40,9 @@ flags.DEFINE_bool("dry_run", False,
                   "tiny generated ImageNet-format archives for imagenet2012), compile the step "
                   "and run 3 steps at 2 images per device plus one eval batch, in "
                   "WORKDIR/dry_run. Model, image size, optimizer and mapping are the config's.")
+flags.DEFINE_float("lock_stale_after_s", workdir_lock.STALE_AFTER_S,
+                   "A workdir lock held from another host counts as a dead job's (and is taken "
+                   "over) when its heartbeat is older than this many seconds.")
 
 
 def _wants_distributed(config) -> bool:
@@ -59,6 +67,53 @@ def initialize_distributed(config) -> None:
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+def take_workdir_lock(config, workdir: str):
+  """Process 0 takes the workdir lock; every process of the job gets its verdict.
+
+  Only process 0 reads or writes the lock, so the job's own other processes are never refused;
+  they wait for process 0's answer so that a refused job stops everywhere at once (rather than
+  leaving processes that wait for a process 0 that has gone).
+  """
+  import jax
+  lock, error = None, ""
+  if jax.process_index() == 0:
+    job = (f"{config.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or 'local'}"
+           f", {jax.process_count()} process(es)"
+           + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else ""))
+    try:
+      lock = workdir_lock.acquire(workdir, job=job, stale_after_s=FLAGS.lock_stale_after_s)
+    except workdir_lock.WorkdirLockError as e:
+      error = str(e)
+    except OSError as e:  # e.g. an unreadable lock file: still an answer for every process
+      error = f"cannot use the workdir lock in {workdir!r}: {e}"
+  if jax.process_count() > 1:
+    error = _from_process_0("bireal_jax_workdir_lock", error)
+  if error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  return lock
+
+
+def _from_process_0(key: str, value: str) -> str:
+  """`value` of process 0, on every process, through jax.distributed's key-value store (no
+  device computation: nothing gets compiled before the lock is settled)."""
+  import jax
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if jax.process_index() == 0:
+    client.key_value_set(key, "v" + value)  # "v": the store refuses an empty value
+    return value
+  return client.blocking_key_value_get(key, 600_000)[1:]  # process 0 may wait on a takeover
+
+
+def _quiet_leftovers():
+  """After a failed checkpoint save, Orbax's abandoned asyncio futures log the same write error
+  once per array when they are garbage-collected ("exception was never retrieved"), burying the
+  one-line error; the error printed next says it all, so those records are dropped."""
+  import logging as std_logging
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
 
 
 def apply_dry_run(config, workdir: str, device_count: int) -> str:
@@ -102,6 +157,12 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
+  if FLAGS.lock_stale_after_s < 2 * workdir_lock.HEARTBEAT_S:
+    print(f"error: --lock_stale_after_s={FLAGS.lock_stale_after_s:g} is invalid: expected at "
+          f"least twice the lock's heartbeat interval ({2 * workdir_lock.HEARTBEAT_S:g} s), or "
+          f"a live job on another host would look dead", file=sys.stderr, flush=True)
+    sys.exit(2)
+
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # tf.data's C++ INFO lines, not warnings
   if config.keep_freed_host_memory and host_malloc.cpu_only():  # before JAX's threads allocate
     host_malloc.keep_freed_memory()
@@ -116,21 +177,31 @@ def main(argv):
   workdir = FLAGS.workdir
   if FLAGS.dry_run:
     workdir = apply_dry_run(config, workdir, jax.device_count())
-  from bireal_jax import checkpoint, train  # imports Orbax (and TensorFlow for real data)
-  if jax.process_index() == 0:
-    print(f"bireal_jax: {config.mode} {config.model} on {config.dataset}, "
-          f"{jax.device_count()} device(s) in {jax.process_count()} process(es), "
-          f"workdir {workdir}{' (dry run)' if FLAGS.dry_run else ''}", flush=True)
+  # One writer per workdir, settled before data or compilation. Eval only reads checkpoints
+  # (and appends one line to metrics.jsonl), so it may run beside the training job.
+  lock = take_workdir_lock(config, workdir) if config.mode == "train" else None
   try:
-    if config.mode == "train":
-      result = train.train_and_evaluate(config, workdir)
-    else:
-      result = train.evaluate_checkpoint(config, workdir)
-  except (config_lib.ConfigError, checkpoint.CheckpointError, train.TrainingDiverged,
-          FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
-  logging.info("result: %s", result)
+    from bireal_jax import checkpoint, train  # imports Orbax (and TensorFlow for real data)
+    if jax.process_index() == 0:
+      print(f"bireal_jax: {config.mode} {config.model} on {config.dataset}, "
+            f"{jax.device_count()} device(s) in {jax.process_count()} process(es), "
+            f"workdir {workdir}{' (dry run)' if FLAGS.dry_run else ''}", flush=True)
+    try:
+      if config.mode == "train":
+        result = train.train_and_evaluate(config, workdir)
+      else:
+        result = train.evaluate_checkpoint(config, workdir)
+    except (config_lib.ConfigError, checkpoint.CheckpointError, train.TrainingDiverged,
+            OSError) as e:  # OSError: e.g. a full disk under metrics.jsonl
+      _quiet_leftovers()
+      where = (f" (writing under workdir {workdir})"
+               if isinstance(e, OSError) and not e.filename else "")
+      print(f"error: {e}{where}", file=sys.stderr, flush=True)
+      sys.exit(1)
+    logging.info("result: %s", result)
+  finally:  # normal end, SIGTERM's clean stop, sys.exit and exceptions alike
+    if lock is not None:
+      lock.release()
 
 
 def _parse_flags(argv):
