@@ -26,8 +26,8 @@ data:
 	  (apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)); \
 	else echo "no Debian package here: tfds will download Fashion-MNIST"; fi
 
-# g++ and oneDNN's headers: bireal_jax builds its CPU convolutions against them on first use
-# (bireal_jax/onednn.py); without them it falls back to XLA's own, slower convolutions.
+# g++ and oneDNN's headers: bireal_jax builds its CPU kernels against them on first use
+# (bireal_jax/ops/cpu/build.py); without them `auto` has fewer candidates (XLA's own ops remain).
 sysdeps:
 	@if [ -f /usr/include/dnnl.hpp ] && command -v g++ >/dev/null 2>&1; then echo "oneDNN + g++: present"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
@@ -35,11 +35,13 @@ sysdeps:
 	   || echo "could not install g++/libdnnl-dev: XLA's own convolutions will be used"); \
 	else echo "no apt here: install a C++ compiler and oneDNN headers for the fast CPU convolutions"; fi
 
-# larq-zoo (the converter test's peer) imports only with TF < 2.17 and Keras 2: own venv.
+# larq-zoo (the converter test's peer) imports only with TF < 2.17 and Keras 2: own venv; with
+# Larq Compute Engine for bench_peers' LCE row.
 larq-env: $(LARQ_VENV)/.installed
 $(LARQ_VENV)/.installed:
 	$(PYTHON) -m venv $(LARQ_VENV)
-	$(LARQ_VENV)/bin/python -m pip install larq larq-zoo "tensorflow-cpu<2.17" "tf-keras<2.17"
+	$(LARQ_VENV)/bin/python -m pip install larq larq-zoo larq-compute-engine "tensorflow-cpu<2.17" \
+	  "tf-keras<2.17"
 	touch $@
 
 test: venv sysdeps data larq-env

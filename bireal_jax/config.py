@@ -115,8 +115,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.export_inference = True  # write workdir/inference (float params + BN stats + model JSON)
 
   # CPU backend: glibc malloc keeps freed memory, so XLA's per-step buffers are reused instead of
-  # page-faulted in again each step (bireal_jax/host_malloc.py; ~1.2x on a 2-core CPU).
+  # page-faulted in again each step (bireal_jax/ops/cpu/host_malloc.py).
   c.keep_freed_host_memory = True
+  # Which implementation of each op runs (`bireal_jax.ops.implementation`): "auto" (the fastest
+  # here, timed per shape on first use), "reference", "native", "jax", or "op=name,...".
+  # "" = the BIREAL_OPS environment variable, else "auto". GPUs and TPUs run the reference.
+  c.ops = ""
   return c
 
 
@@ -187,6 +191,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: Optional[int] =
     _fail("bn_momentum", c.bn_momentum, "a decay in [0, 1)")
   _positive(c, "bn_epsilon", float)
   _choice(c, "dtype", DTYPES)
+  if c.get("ops"):
+    from bireal_jax import ops
+    try:
+      ops.parse(c.ops)
+    except ValueError as e:
+      raise ConfigError(f"config.ops={c.ops!r}: {e}") from None
 
   _choice(c, "optimizer", OPTIMIZERS)
   _positive(c, "learning_rate", float)

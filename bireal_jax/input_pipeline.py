@@ -850,12 +850,6 @@ def create_eval_iter(config, *, batch_size: int, split: str | None = None,
   return fn(config, _check_batch_size(batch_size), split, pidx, pcount)
 
 
-def train_steps_per_epoch(config, *, batch_size: int, process_count: int | None = None) -> int:
-  """Batches per epoch of one process's shard (= what create_train_iter yields per epoch)."""
-  _, pcount = _processes(0, process_count)
-  return (dataset_info(config).num_train // pcount) // _check_batch_size(batch_size)
-
-
 def main(argv=None) -> None:
   """`python -m bireal_jax.input_pipeline --dataset imagenet2012 --manual_dir DIR [--data_dir DIR]`
 

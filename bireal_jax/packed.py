@@ -28,6 +28,8 @@ further term. Odd spatial sizes and stride 2 only change which taps fall on the 
 
 Three interchangeable implementations of `D` (all exact integers, so all give the same logits):
   * "xor"   — the formula above with `lax.population_count` on uint32 words;
+  * "xor_cpp" — the same sums by the C++ kernel of the training forward (`ops/cpu/xor.py`:
+              AVX-512 VPOPCNTDQ or AVX2 nibble-table popcount), on the ±1 kernel (α = 1);
   * "int8"  — ±1 int8 operands, `lax.conv_general_dilated(preferred_element_type=int32)`, for
               matrix units that take int8;
   * "float" — ±1 float32 operands with float32 accumulation (exact while K < 2**24; stays exact
@@ -59,219 +61,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bireal_jax import models, quantizers
+from bireal_jax import models, ops, quantizers
+from bireal_jax.models import plan
 from bireal_jax.layers import _avg_pool
+from bireal_jax.ops.bits import (WORD_BITS, _conv, border_correction, float_conv,  # noqa: F401
+                                 int8_conv, num_words, pack_bits, pack_kernel, pack_signs,
+                                 unpack_bits, unpack_kernel, unpack_signs, word_group,
+                                 xor_popcount_conv)
 
-WORD_BITS = 32
 FORMAT = "bireal_jax.packed"
 FORMAT_VERSION = 1
-IMPLS = ("xor", "int8", "float")
+IMPLS = ("xor", "xor_cpp", "int8", "float")
 CONFIG_FILE = "config.json"
 PACKED_FILE = "packed.json"
 PARAMS_DIR = "params"
-
-_SHIFTS = np.arange(WORD_BITS, dtype=np.uint32)
-_PACK_LEVELS = (8, 4)  # pack_bits: a word = 8 nibbles of 4 bits (product WORD_BITS)
-
-
-# ---------------------------------------------------------------------------------------------
-# Bit packing
-# ---------------------------------------------------------------------------------------------
-
-
-def num_words(n: int) -> int:
-  """Words needed for `n` bits: ceil(n / 32)."""
-  return -(-n // WORD_BITS)
-
-
-def pack_bits(bits: jax.Array) -> jax.Array:
-  """Pack booleans along the last axis into uint32: element `i` -> bit `i % 32` of word `i // 32`.
-
-  `[..., n] -> [..., ceil(n/32)]`; the tail bits of the last word are 0.
-  """
-  bits = jnp.asarray(bits)
-  n = bits.shape[-1]
-  nw = num_words(n)
-  if nw * WORD_BITS != n:
-    bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, nw * WORD_BITS - n)])
-  b = bits.reshape(*bits.shape[:-1], nw, *_PACK_LEVELS).astype(jnp.uint32)
-  # Bits are disjoint, so sums are bitwise ORs; a reduce fuses better than 32 ORs on CPU, and
-  # two levels (4 bits into a nibble, then 8 nibbles into a word) ran up to 2× faster than one
-  # 32-long reduce on XLA CPU (same bits).
-  width = 1
-  for k in reversed(_PACK_LEVELS):
-    b = jnp.sum(b << (width * np.arange(k, dtype=np.uint32)), axis=-1, dtype=jnp.uint32)
-    width *= k
-  return b
-
-
-def unpack_bits(words: jax.Array, n: int) -> jax.Array:
-  """Inverse of `pack_bits`: `[..., nw]` uint32 -> `[..., n]` bool (tail bits dropped)."""
-  words = jnp.asarray(words)
-  if words.dtype != jnp.uint32:
-    raise TypeError(f"unpack_bits expects uint32 words, got dtype {words.dtype}")
-  if not 0 <= n <= words.shape[-1] * WORD_BITS:
-    raise ValueError(f"n={n} does not fit {words.shape[-1]} words of {WORD_BITS} bits")
-  b = (words[..., None] >> _SHIFTS) & jnp.uint32(1)
-  return b.reshape(*words.shape[:-1], -1)[..., :n].astype(bool)
-
-
-def pack_signs(x: jax.Array) -> jax.Array:
-  """Sign bits of `x` along the last axis: bit 1 where `binary_sign(x) = −1`, i.e. `not x >= 0`."""
-  return pack_bits(~(x >= 0))
-
-
-def unpack_signs(words: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
-  """±1 values (`dtype`) from sign bits: bit 1 -> −1, bit 0 -> +1."""
-  one = jnp.ones((), dtype)
-  return jnp.where(unpack_bits(words, n), -one, one)
-
-
-def pack_kernel(kernel: jax.Array) -> jax.Array:
-  """HWIO kernel -> sign bits `[kh, kw, ceil(C/32), O]` uint32 (bit 1 where `binary_sign = −1`)."""
-  kernel = jnp.asarray(kernel)
-  if kernel.ndim != 4:
-    raise ValueError(f"expected an HWIO kernel of rank 4, got shape {kernel.shape}")
-  return jnp.swapaxes(pack_signs(jnp.swapaxes(kernel, 2, 3)), 2, 3)
-
-
-def unpack_kernel(bits: jax.Array, in_channels: int, dtype=jnp.float32) -> jax.Array:
-  """`[kh, kw, nw, O]` bits -> ±1 HWIO kernel `[kh, kw, in_channels, O]` in `dtype`."""
-  return jnp.swapaxes(unpack_signs(jnp.swapaxes(bits, 2, 3), in_channels, dtype), 2, 3)
-
-
-# ---------------------------------------------------------------------------------------------
-# Exact binary convolution D = conv(sign(x), ŵ) with zero padding of the signed input
-# ---------------------------------------------------------------------------------------------
-
-
-def _out_size(n: int, k: int, stride: int, pad: int) -> int:
-  return (n + 2 * pad - k) // stride + 1
-
-
-def _border_masks(h: int, w: int, kh: int, kw: int, stride: int, pad: int) -> np.ndarray:
-  """`m[i, j, p, q] = 1` where tap (i, j) of output (p, q) falls on the zero padding (static)."""
-  ho, wo = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
-  rows = np.arange(ho)[None, :] * stride + np.arange(kh)[:, None] - pad  # [kh, ho]
-  cols = np.arange(wo)[None, :] * stride + np.arange(kw)[:, None] - pad  # [kw, wo]
-  out_r = (rows < 0) | (rows >= h)
-  out_c = (cols < 0) | (cols >= w)
-  return (out_r[:, None, :, None] | out_c[None, :, None, :]).astype(np.int32)
-
-
-def border_correction(bits: jax.Array, in_channels: int, h: int, w: int, stride: int,
-                      pad: int) -> jax.Array:
-  """`corr[p, q, o] = Σ_{taps t on padding} S[t, o]`, `S[t, o] = C − 2·popcount(bits[t, :, o])`.
-
-  What padding with +1 words adds to the popcount dot product; `[ho, wo, O]` int32, computed
-  elementwise (exact on every backend, no matrix unit involved).
-  """
-  kh, kw = bits.shape[:2]
-  masks = _border_masks(h, w, kh, kw, stride, pad)
-  tap_sums = in_channels - 2 * jnp.sum(lax.population_count(bits).astype(jnp.int32), axis=2)
-  corr = jnp.zeros(masks.shape[2:] + (bits.shape[-1],), jnp.int32)
-  for i in range(kh):
-    for j in range(kw):
-      if masks[i, j].any():  # interior taps never touch the padding
-        corr = corr + masks[i, j][:, :, None] * tap_sums[i, j]
-  return corr
-
-
-def word_group(num_words_k: int, out_channels: int, backend: Optional[str] = None) -> int:
-  """Words per step of the XOR/popcount sum (a divisor of the reduction length `Kw`).
-
-  CPU: the largest divisor `g ≥ 16` whose kernel slab `g·O·4` bytes fits a 32 KiB L1 cache
-  (measured on AVX-512: with < 16 words per step LLVM left the popcount loop scalar, and
-  slabs far beyond L1 ran up to 10× slower); `Kw` when no divisor qualifies. Other backends: `Kw`
-  (one fusion; not tuned, no accelerator here).
-  """
-  kw = num_words_k
-  if (backend or jax.default_backend()) != "cpu":
-    return kw
-  divisors = [d for d in range(16, kw + 1) if kw % d == 0]
-  fit = [d for d in divisors if d * out_channels * 4 <= 32 * 1024]
-  return max(fit) if fit else (min(divisors) if divisors else kw)
-
-
-def _popcount_sum(cols, w):
-  """`Σ_k popcount(cols[k] XOR w[k, :])`: `g` arrays `[..., 1]` of words × `[g, O]` words ->
-  `[..., O]` uint32.
-
-  One elementwise expression (vectorised over O by XLA), no `[..., g, O]` intermediate. `cols`
-  may be slices of one padded array (the shifted windows): XLA fuses slices as index offsets,
-  whereas a concatenated im2col array fused as a select per word (or cost a copy).
-  """
-  acc = None
-  for k, col in enumerate(cols):
-    t = lax.population_count(col ^ w[k])
-    acc = t if acc is None else acc + t
-  return acc
-
-
-def xor_popcount_conv(x: jax.Array, bits: jax.Array, stride: int = 1, pad: int = 0,
-                      group: Optional[int] = None) -> jax.Array:
-  """Exact `D = conv(sign(x), ŵ)` (zero padding) with XOR + popcount on packed words; int32.
-
-  `x`: NHWC real activations (signed and packed here); `bits`: `[kh, kw, nw, O]` from
-  `pack_kernel`. The words of the `kh·kw` shifted windows form the reduction axis
-  (`Kw = kh·kw·nw` words, im2col on words: 32× smaller than on floats); it is summed `group`
-  words at a time (`word_group`), the groups accumulated by a `lax.scan` so that each step's
-  kernel slab stays in cache. With one group the windows are read as slices of the padded words
-  (no im2col copy).
-  """
-  n, h, w, c = x.shape
-  kh, kw, nw, o = bits.shape
-  if num_words(c) != nw:
-    raise ValueError(f"input has {c} channels ({num_words(c)} words) but the packed kernel "
-                     f"{tuple(bits.shape)} has {nw} words per tap")
-  ho, wo = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
-  if ho < 1 or wo < 1:
-    raise ValueError(f"input {h}×{w} is smaller than the {kh}×{kw} kernel with padding {pad}")
-  xb = pack_signs(x)
-  if pad:
-    xb = jnp.pad(xb, ((0, 0), (pad, pad), (pad, pad), (0, 0)))  # 0 words = +1, corrected below
-  wins = [lax.slice(xb, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, nw),
-                    (1, stride, stride, 1)) for i in range(kh) for j in range(kw)]
-  k_words = kh * kw * nw
-  wk = bits.reshape(k_words, o)  # (i, j, word) order, the order of `wins`
-  g = group or word_group(k_words, o)
-  if k_words % g:
-    raise ValueError(f"group={g} must divide the {k_words} words of the reduction")
-  if g == k_words:
-    pc = _popcount_sum([win[..., u:u + 1] for win in wins for u in range(nw)], wk)
-  else:
-    cols = jnp.stack(wins, axis=0).reshape(kh * kw, n, ho, wo, nw)
-    cols = jnp.moveaxis(cols, 0, 3).reshape(n, ho, wo, k_words // g, g)
-    cols = jnp.moveaxis(cols, 3, 0)  # [steps, n, ho, wo, g]
-
-    def step(acc, cw):
-      c, w_ = cw
-      return acc + _popcount_sum([c[..., k:k + 1] for k in range(g)], w_), None
-
-    pc, _ = lax.scan(step, jnp.zeros((n, ho, wo, o), jnp.uint32),
-                     (cols, wk.reshape(k_words // g, g, o)))
-  d = kh * kw * c - 2 * pc.astype(jnp.int32)
-  if pad:
-    d = d - border_correction(bits, c, h, w, stride, pad)
-  return d
-
-
-def _conv(x, w, stride, pad, preferred=None):
-  return lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad), (pad, pad)],
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                  preferred_element_type=preferred)
-
-
-def int8_conv(x: jax.Array, kernel_i8: jax.Array, stride: int = 1, pad: int = 0) -> jax.Array:
-  """Exact `D` with ±1 int8 operands and int32 accumulation (zero padding is exact: 0 adds 0)."""
-  xs = jnp.where(x >= 0, jnp.int8(1), jnp.int8(-1))
-  return _conv(xs, kernel_i8, stride, pad, jnp.int32)
-
-
-def float_conv(x: jax.Array, kernel_pm1: jax.Array, stride: int = 1, pad: int = 0) -> jax.Array:
-  """Exact `D` with ±1 float operands, float32 accumulation (integers < 2**24 are exact)."""
-  xs = jnp.where(x >= 0, 1.0, -1.0).astype(kernel_pm1.dtype)
-  return _conv(xs, kernel_pm1, stride, pad, jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,12 +93,11 @@ def _fold_bn(bn_params, bn_stats, eps: float, alpha=None):
   return {"scale": (mul * a).astype(np.float32), "bias": (beta - mu * mul).astype(np.float32)}
 
 
-def _weight_alpha_kind(kernel_quantizer) -> str:
+def _weight_alpha_kind(kernel_quantizer):
+  """The kernel quantizer, checked to output α·sign(W) (its tag): α is read off its output."""
   fn = quantizers.get(kernel_quantizer)
-  if fn is quantizers.magnitude_aware_sign or fn is quantizers.official_magnitude_sign:
-    return "mean_abs"
-  if fn is quantizers.sign_weight:
-    return "one"
+  if quantizers.output_kind(fn) == quantizers.ALPHA_SIGN:
+    return fn
   raise ValueError(f"cannot pack kernel_quantizer={kernel_quantizer!r}: expected a binary weight "
                    f"quantizer, one of {sorted(quantizers.BINARY_WEIGHTS)}")
 
@@ -318,9 +120,10 @@ def _np32(a):
   return np.asarray(a, np.float32)
 
 
-def _binary_entry(kernel, bn_p, bn_s, eps, alpha_kind):
+def _binary_entry(kernel, bn_p, bn_s, eps, kernel_quantizer):
   kernel = jnp.asarray(kernel, jnp.float32)
-  alpha = quantizers.channel_scale(kernel) if alpha_kind == "mean_abs" else None
+  # α per output channel exactly as the float model uses it: max |α·sign(W)| = α.
+  alpha = jnp.max(jnp.abs(kernel_quantizer(kernel)), axis=(0, 1, 2))
   return {"bits": np.asarray(pack_kernel(kernel)), **_fold_bn(bn_p, bn_s, eps, alpha)}
 
 
@@ -385,6 +188,9 @@ def _binary(e, x, stride, pad, impl):
   """`s·D + b` for one binary conv + BN; `e` holds "bits" (xor) or a ±1 "kernel" (int8/float)."""
   if impl == "xor":
     d = xor_popcount_conv(x, e["bits"], stride, pad)
+  elif impl == "xor_cpp":
+    from bireal_jax.ops.cpu import xor
+    d = xor.xor_conv(x, e["pm1"][:, :, :x.shape[-1]], stride, pad)  # D itself: α = 1
   else:
     k = e["pm1"][:, :, :x.shape[-1]]  # drop the channel padding of the last word, if any
     d = int8_conv(x, k, stride, pad) if impl == "int8" else float_conv(x, k, stride, pad)
@@ -396,20 +202,6 @@ def _real(e, x, stride, pad):
   return _affine(y, e) if "scale" in e else y
 
 
-def _max_pool_3x3_s2(x):
-  """Max-pool 3×3, stride 2, padding 1 (-inf), as the max of 9 strided slices: bitwise equal to
-  `nn.max_pool`, and one elementwise fusion (XLA CPU's reduce_window took ~1 ms per 224² image)."""
-  n, h, w, c = x.shape
-  ho, wo = _out_size(h, 3, 2, 1), _out_size(w, 3, 2, 1)
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  out = None
-  for i in range(3):
-    for j in range(3):
-      t = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * 2 + 1, j + (wo - 1) * 2 + 1, c), (1, 2, 2, 1))
-      out = t if out is None else jnp.maximum(out, t)
-  return out
-
-
 def _downsample(e, x, stride):
   if stride > 1:
     x = _avg_pool(x, stride)
@@ -417,50 +209,39 @@ def _downsample(e, x, stride):
 
 
 def _basic_stages(cfg, p, x, impl):
-  mode = cfg["shortcut"]
-  for s, n in enumerate(cfg["stage_sizes"]):
-    i = 0
-    while i < n:
-      stride = 2 if (s > 0 and i == 0) else 1
-      name = f"layer{s + 1}_{i}"
-      if mode == "bireal" or (mode == "resnet" and i == n - 1 and n % 2):
-        y = _binary(p[name], x, stride, 1, impl)
-        x = y + (_downsample(p[name]["downsample"], x, stride) if "downsample" in p[name] else x)
-        i += 1
-      elif mode == "resnet":
-        inp = x
-        x = _binary(p[name], x, stride, 1, impl)
-        x = _binary(p[f"layer{s + 1}_{i + 1}"], x, 1, 1, impl)
-        if f"{name}_downsample" in p:
-          inp = _downsample(p[f"{name}_downsample"], inp, stride)
-        x = x + inp
-        i += 2
-      else:
-        x = _binary(p[name], x, stride, 1, impl)
-        i += 1
+  for u in plan.basic_plan(cfg["stage_sizes"], cfg["base_width"], cfg["shortcut"]):
+    e = p[u.names[0]]
+    if u.kind == "bireal":
+      y = _binary(e, x, u.stride, 1, impl)
+      x = y + (_downsample(e[u.downsample_name], x, u.stride) if u.downsample else x)
+    elif u.kind == "pair":
+      inp = x
+      x = _binary(e, x, u.stride, 1, impl)
+      x = _binary(p[u.names[1]], x, 1, 1, impl)
+      if u.downsample:
+        inp = _downsample(p[u.downsample_name], inp, u.stride)
+      x = x + inp
+    else:
+      x = _binary(e, x, u.stride, 1, impl)
   return x
 
 
 def _bottleneck_stages(cfg, p, x, impl):
   x1 = x2 = x
-  k = 0
-  for s, n in enumerate(cfg["stage_sizes"]):
-    for i in range(n):
-      e = p[f"layers_{k}"]
-      stride, is_down = (2 if (s > 0 and i == 0) else 1), i == 0
-      if k == 0:
-        out1 = _real(e["conv1"], quantizers.leaky_clip(x2), 1, 0)
-      else:
-        out1 = _binary(e["conv1"], x2, 1, 0, impl)
-        if "down_conv1x1" in e:
-          x1 = _real(e["down_conv1x1"], x1, 1, 0)
-        out1 = out1 + x1
-      out2 = _binary(e["conv2"], out1, stride, 1, impl)
-      out2 = out2 + (_avg_pool(out1, 2) if is_down and stride == 2 else out1)
-      out3 = _binary(e["conv3"], out2, 1, 0, impl)
-      outer = _downsample(e["downsample"], x2, stride) if "downsample" in e else x2
-      x1, x2 = out2, out3 + outer
-      k += 1
+  for u in plan.bottleneck_plan(cfg["stage_sizes"], cfg["base_width"]):
+    e = p[u.name]
+    if u.is_first:
+      out1 = _real(e["conv1"], quantizers.leaky_clip(x2), 1, 0)
+    else:
+      out1 = _binary(e["conv1"], x2, 1, 0, impl)
+      if u.is_downsample:
+        x1 = _real(e["down_conv1x1"], x1, 1, 0)
+      out1 = out1 + x1
+    out2 = _binary(e["conv2"], out1, u.stride, 1, impl)
+    out2 = out2 + (_avg_pool(out1, 2) if u.is_downsample and u.stride == 2 else out1)
+    out3 = _binary(e["conv3"], out2, 1, 0, impl)
+    outer = _downsample(e["downsample"], x2, u.stride) if u.is_downsample else x2
+    x1, x2 = out2, out3 + outer
   return x2
 
 
@@ -468,7 +249,7 @@ def _stem(config, params, images):
   stem = params["stem"]
   x = images.astype(jnp.float32)
   if config["stem"] == "imagenet":
-    return _max_pool_3x3_s2(_real(stem, x, 2, 3))
+    return ops.max_pool(_real(stem, x, 2, 3), (3, 3), (2, 2), ((1, 1), (1, 1)))
   return _real(stem, x, 1, 1)
 
 
@@ -535,8 +316,8 @@ def _is_binary_entry(e) -> bool:
 def runtime_params(params: Mapping[str, Any], impl: str) -> dict:
   """Convert the stored tree to what `impl` consumes (done once, not per call).
 
-  "xor" keeps the bits; "int8" / "float" unpack them to a ±1 HWIO kernel "pm1" of the padded
-  channel count (sliced to the input's channels at trace time).
+  "xor" keeps the bits; "xor_cpp" (f32), "int8" and "float" unpack them to a ±1 HWIO kernel
+  "pm1" of the padded channel count (sliced to the input's channels at trace time).
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -550,6 +331,11 @@ def runtime_params(params: Mapping[str, Any], impl: str) -> dict:
       return dict(e)
     bits = jnp.asarray(e["bits"])
     dtype = jnp.int8 if impl == "int8" else jnp.float32
+    if impl == "xor_cpp":
+      from bireal_jax.ops.cpu import xor
+      if not xor.available():
+        raise ValueError("impl 'xor_cpp' needs the C++ XOR kernel, which could not be built "
+                         "here (see the message above); use 'xor'")
     pm1 = unpack_kernel(bits, bits.shape[2] * WORD_BITS, dtype)
     return {**{k: v for k, v in e.items() if k != "bits"}, "pm1": pm1}
 
@@ -704,10 +490,6 @@ class PackedModel:
   @classmethod
   def tree_unflatten(cls, aux, children):
     return cls(json.loads(aux[0]), children[0], aux[1], aux[2])
-
-  def with_impl(self, impl: Optional[str]) -> "PackedModel":
-    """Same model, another implementation (shares the stored parameters)."""
-    return PackedModel(self.config, self.params, impl, self.micro_batch)
 
   def runtime_params(self, impl: str):
     """Parameters converted for `impl`, cached (unless traced, e.g. inside a user's jit)."""

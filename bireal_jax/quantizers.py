@@ -184,9 +184,37 @@ _REGISTRY: dict[str, Quantizer] = {
     "sign": sign_weight,
 }
 
-# Quantizers whose forward output is exactly ±1 (activations) or ±α (weights): what packs to bits.
-BINARY_ACTIVATIONS = frozenset({"approx_sign", "ste_sign", "identity_sign"})
-BINARY_WEIGHTS = frozenset({"magnitude_aware", "magnitude_aware_sign", "official", "sign"})
+# What each quantizer outputs, as a tag on the function itself: "pm1" (exactly ±1), "alpha_sign"
+# (exactly α·sign(W), α > 0 per output channel; α = 1 for "sign") or "real". The binary
+# convolutions' exact kernels, packing, the optimizer's masks and the summary all read it.
+PM1, ALPHA_SIGN, REAL = "pm1", "alpha_sign", "real"
+_OUTPUT_ATTR = "bireal_output"
+
+for _fn in (approx_sign, ste_sign, identity_sign):
+  setattr(_fn, _OUTPUT_ATTR, PM1)
+for _fn in (magnitude_aware_sign, official_magnitude_sign, sign_weight):
+  setattr(_fn, _OUTPUT_ATTR, ALPHA_SIGN)
+
+
+def tag(fn: Quantizer, output: str) -> Quantizer:
+  """Mark a user quantizer's output kind (PM1, ALPHA_SIGN or REAL); returns `fn`."""
+  if output not in (PM1, ALPHA_SIGN, REAL):
+    raise ValueError(f"output kind must be {PM1!r}, {ALPHA_SIGN!r} or {REAL!r}, got {output!r}")
+  setattr(fn, _OUTPUT_ATTR, output)
+  return fn
+
+
+def output_kind(q: Union[str, Quantizer, None]) -> str:
+  """The tag of a quantizer (name, callable or None): "pm1", "alpha_sign" or "real"."""
+  fn = get(q)
+  return REAL if fn is None else getattr(fn, _OUTPUT_ATTR, REAL)
+
+
+# Names of the registered binary quantizers (derived from the tags).
+BINARY_ACTIVATIONS = frozenset(n for n, f in _REGISTRY.items()
+                               if getattr(f, _OUTPUT_ATTR, REAL) == PM1)
+BINARY_WEIGHTS = frozenset(n for n, f in _REGISTRY.items()
+                           if getattr(f, _OUTPUT_ATTR, REAL) == ALPHA_SIGN)
 
 
 def names() -> list[str]:
@@ -216,10 +244,8 @@ def register(name: str, fn: Quantizer) -> None:
 
 
 def is_binary(name: Union[str, Quantizer, None]) -> bool:
-  """True when the named quantizer outputs ±1 (activation) or ±α (weight)."""
-  if isinstance(name, str):
-    return name in BINARY_ACTIVATIONS or name in BINARY_WEIGHTS
-  return any(name is _REGISTRY[n] for n in BINARY_ACTIVATIONS | BINARY_WEIGHTS)
+  """True when the quantizer outputs ±1 (activation) or ±α (weight)."""
+  return output_kind(name) != REAL
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ cleanly on SIGTERM, refuse non-finite losses, re-estimate BN statistics, evaluat
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import json
-import math
 import os
 import signal
 import sys
@@ -31,7 +31,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bireal_jax import checkpoint, layers, models, optim
+from bireal_jax import checkpoint, models, ops, optim
 from bireal_jax import config as config_lib
 
 AXIS = "batch"
@@ -105,11 +105,13 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
 
 def train_step(state: TrainState, batch, teacher_variables=None, *, learning_rate_fn,
                label_smoothing: float, grad_accum_steps: int, teacher_apply=None,
-               distill_weight: float = 0.0, distill_temperature: float = 1.0):
+               distill_weight: float = 0.0, distill_temperature: float = 1.0,
+               scan_micro_batches: Optional[bool] = None):
   """One optimizer update from this device's share of the global batch.
 
   The share is split into `grad_accum_steps` micro-batches whose gradients are summed (BN
-  statistics update after each micro-batch, as in successive forward passes). Gradients and
+  statistics update after each micro-batch, as in successive forward passes), in a `lax.scan`
+  (`scan_micro_batches`; default: off the CPU) or an unrolled loop. Gradients and
   metrics are averaged over all devices with `pmean`/`psum`; the model's BatchNorm averages
   its batch statistics over `AXIS` itself, so every replica holds identical state.
 
@@ -135,17 +137,24 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, learning_rat
     mask = jnp.ones_like(per_example)
     return (grads, batch_stats), metric_sums(logits, micro["label"], per_example, mask)
 
-  # An unrolled Python loop: XLA:CPU ran the same body inside lax.scan ~25x slower.
   micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
   carry = (jax.tree.map(jnp.zeros_like, state.params), state.batch_stats)
-  sums = []
-  for i in range(grad_accum_steps):
-    carry, s = micro_step(carry, jax.tree.map(lambda x: x[i], micro))
-    sums.append(s)
+  if scan_micro_batches is None:
+    scan_micro_batches = jax.default_backend() != "cpu"
+  if grad_accum_steps == 1 or not scan_micro_batches:
+    # Unrolled on the CPU: XLA:CPU ran the same body inside lax.scan ~25x slower.
+    sums = []
+    for i in range(grad_accum_steps):
+      carry, s = micro_step(carry, jax.tree.map(lambda x: x[i], micro))
+      sums.append(s)
+    sums = jax.tree.map(lambda *x: sum(x), *sums)
+  else:  # one compiled body whatever grad_accum_steps is (compile time stays flat)
+    carry, sums = jax.lax.scan(micro_step, carry, micro)
+    sums = jax.tree.map(lambda x: x.sum(0), sums)
   grads, batch_stats = carry
   grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
   grads = jax.lax.pmean(grads, axis_name=AXIS)
-  sums = jax.lax.psum(jax.tree.map(lambda *x: sum(x), *sums), axis_name=AXIS)
+  sums = jax.lax.psum(sums, axis_name=AXIS)
 
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = {"loss": sums["loss"] / sums["count"], "top1": sums["top1"] / sums["count"],
@@ -204,7 +213,7 @@ class Mapping:
 
     Outputs are replicated (every per-device function here ends in a collective).
     `compiler_options` are XLA options for this function only (e.g.
-    `layers.cpu_compiler_options()` for the train step).
+    `ops.compiler_options()` for the train step).
     """
     if self.kind == "pmap":
       # All devices of all processes: pmap's collectives then span every host.
@@ -379,23 +388,17 @@ def get_data(config):
 
 
 class MetricLog:
-  """metrics.jsonl + TensorBoard scalars in the workdir (process 0 only)."""
+  """metrics.jsonl + TensorBoard scalars in the workdir (process 0 only).
+
+  TensorBoard event files are written by tensorboardX (no TensorFlow needed to train)."""
 
   def __init__(self, workdir: str, enabled: bool, tensorboard: bool):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if enabled and tensorboard:
-      import tensorflow as tf  # tf.summary event files; imported only when asked for
-      from tensorflow.core.framework import summary_pb2
-      tf.config.set_visible_devices([], "GPU")  # TF must not take accelerator memory from JAX
-      self._tf = tf
-      # What `tf.summary.scalar` writes, spelled out: that wrapper needs the `tensorboard`
-      # package, the raw `tf.summary.write` does not, and TensorBoard reads both the same.
-      self._scalar_metadata = summary_pb2.SummaryMetadata(
-          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-          data_class=summary_pb2.DATA_CLASS_SCALAR).SerializeToString()
-      self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, values: dict):
     if not self.enabled:
@@ -405,11 +408,9 @@ class MetricLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     if self.tb is not None:
-      with self.tb.as_default(step=int(step)):
-        for k, v in values.items():
-          if k != "epoch":
-            self._tf.summary.write(f"{split}/{k}", self._tf.constant(float(v), self._tf.float32),
-                                   metadata=self._scalar_metadata)
+      for k, v in values.items():
+        if k != "epoch":
+          self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
       self.tb.flush()
 
   def close(self):
@@ -528,10 +529,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
                                  async_save=config.async_checkpointing)
   mlog = MetricLog(workdir, s.is_chief, config.tensorboard)
   try:
-    return _train(s, ckpts, mlog)
+    with _ops_setting(config):
+      return _train(s, ckpts, mlog)
   finally:
     ckpts.close()
     mlog.close()
+
+
+def _ops_setting(config):
+  """`ops.implementation(config.ops)`, or nothing when it is unset (BIREAL_OPS, else auto)."""
+  return ops.implementation(config.ops) if config.get("ops") else contextlib.nullcontext()
 
 
 def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
@@ -564,7 +571,7 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
          f"temperature {config.distill_temperature}")
   # XLA options that speed up the float-emulated backward pass (CPU only; {} elsewhere).
   p_train_step = mapping.map(step_fn, batched=(False, True, False), donate=(0,),
-                             compiler_options=layers.cpu_compiler_options())
+                             compiler_options=ops.compiler_options())
   p_eval_step = mapping.map(eval_step, batched=(False, True))
 
   pc, pi = jax.process_count(), jax.process_index()
@@ -587,6 +594,14 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
                desc=f"train {config.model}")
 
   pending = []  # (step, device metrics) not yet fetched: fetching every step would stall
+  unbarred = collections.deque()  # device metrics of steps the progress bar has not counted
+
+  def advance_bar(block: bool = False):
+    """Counts the steps whose metrics are computed: the bar's rate is of finished work (the
+    loop dispatches ahead of the devices)."""
+    while unbarred and (block or all(x.is_ready() for x in jax.tree.leaves(unbarred[0]))):
+      unbarred.popleft()
+      bar.update(config.batch_size)
 
   def flush(now_step):
     """Fetch pending metrics; stop on a non-finite loss before anything gets saved."""
@@ -595,6 +610,8 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
       return
     values = [(st, mapping.to_host(m)) for st, m in pending]
     pending = []
+    if bar is not None:
+      advance_bar(block=True)  # all fetched: all finished
     for st, v in values:
       if not np.isfinite(v["loss"]):
         if bar is not None:
@@ -629,7 +646,8 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
         step += 1
         pending.append((step, metrics))
         if bar is not None:
-          bar.update(config.batch_size)
+          unbarred.append(metrics)
+          advance_bar()
         stop = preemption.requested if pc == 1 else ckpts.manager.reached_preemption(step)
         save_now = (step % config.checkpoint_every_steps == 0 and step < s.total_steps)
         if step % config.log_every_steps == 0 or save_now or stop or step % eval_every == 0:
@@ -738,6 +756,11 @@ def load_teacher(path: str, student_identity: dict):
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, data=None,
                         split: Optional[str] = None) -> dict:
   """Eval-only mode: top-1/top-5 of the newest checkpoint in `workdir` on `split`."""
+  with _ops_setting(config):
+    return _evaluate_checkpoint(config, workdir, data, split)
+
+
+def _evaluate_checkpoint(config, workdir, data, split):
   s = _Setup(config, workdir, data)
   checkpoint.check_workdir(workdir, s.identity, config.to_dict(), write=False)
   split = split or config.eval_split

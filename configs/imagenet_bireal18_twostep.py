@@ -1,7 +1,7 @@
 """Step 2 of the paper's two-step scheme: binary Bi-Real-18 fine-tuned from the clip twin.
 
-Source: Liu et al., ECCV 2018, §4.1 / the authors' Caffe recipe (see REFERENCE.md, "Paper /
-Caffe (two-step)"): SGD momentum 0.9, weight decay 0, batch 128, lr 0.01, 20 epochs, lr × 0.1
+Source: Liu et al., ECCV 2018, §4.1 / the authors' Caffe recipe (see docs/reference.md, "Training
+recipes"): SGD momentum 0.9, weight decay 0, batch 128, lr 0.01, 20 epochs, lr × 0.1
 at epochs 10 and 15, then one epoch re-estimating BN statistics with ±1 weights. (The shipped
 Caffe solver files disagree with these numbers; treat them as approximate.)
 

@@ -5,49 +5,60 @@ program with one path undone, compiled in one process and timed interleaved (A, 
   python experiments/ablate_cpu_paths.py --kind eval --variants shipped,jax_xor
 
 Variants (each undoes one path, the others stay as shipped):
-  shipped     the library as is
-  flax_bn     `nn.BatchNorm` (autodiff of flax's ops) instead of `layers.BatchNorm`'s backward
-  sliced_pool the strided-slice max-pool instead of oneDNN's pooling
-  jax_xor     the pure-JAX `packed.xor_popcount_conv` instead of the C++ XOR forward
-The undoing is done by swapping module attributes while the variant is traced (the layers look
-them up at trace time), so nothing in the library changes. Figures are medians of `--repeats`
-calls, wall and CPU seconds; the last column compares each variant with the first. The train
-step uses `layers.cpu_compiler_options()`, the eval forward XLA's defaults (as bench_model's
-`lib:cpu` and `lib:default`).
+  shipped     the "native" preset of `bireal_jax.ops`: the C++ kernels wherever they apply
+  flax_bn     flax's BatchNorm formula differentiated by autodiff (`batch_norm_train` =
+              "reference") instead of the hand-written backward ("fused_bwd")
+  sliced_pool the strided-slice max-pool ("sliced") instead of oneDNN's pooling
+  jax_xor     the pure-JAX XOR forward ("xor_jax", `bits.xor_popcount_conv`) instead of the C++
+              XOR kernel ("xor")
+Each variant is an `ops.implementation` setting ({op: candidates}) the program is traced under,
+so nothing in the library changes. Figures are medians of `--repeats` calls, wall and CPU
+seconds; the last column compares each variant with the first. The train step uses
+`ops.compiler_options()`, the eval forward XLA's defaults (as bench_model's `native:cpu` and
+`native:default`).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 
 import bench_model
-from bireal_jax import layers
-from bireal_jax.ops.cpu import onednn
+from bireal_jax import ops
+from bireal_jax.ops.cpu import onednn, xor
 from machine import cpu_model, loadavg
 
+SHIPPED = dict(ops.PRESETS["native"])
 
-@contextlib.contextmanager
-def _swapped(obj, name, value):
-  old = getattr(obj, name)
-  setattr(obj, name, value)
-  try:
-    yield
-  finally:
-    setattr(obj, name, old)
-
-
+# name -> `ops.implementation` setting: the shipped one with one op's candidates replaced.
 VARIANTS = {
-    "shipped": contextlib.nullcontext,
-    "flax_bn": lambda: _swapped(layers, "BatchNorm", nn.BatchNorm),
-    "sliced_pool": lambda: _swapped(onednn, "max_pool2d", lambda x, w, s, p: (
-        layers._max_pool_sliced(x, w, s, p, tuple(x.shape)))),
-    "jax_xor": lambda: _swapped(onednn, "xor_conv", layers._conv_pm1_xor_jax),
+    "shipped": SHIPPED,
+    "flax_bn": dict(SHIPPED, batch_norm_train=("reference",)),
+    "sliced_pool": dict(SHIPPED, max_pool=("sliced",)),
+    "jax_xor": dict(SHIPPED, binary_conv2d=tuple("xor_jax" if n == "xor" else n
+                                                 for n in SHIPPED["binary_conv2d"])),
 }
+
+
+def compile_variant(progs: bench_model.Programs, kind: str, setting, options: str):
+  """`progs.compile(kind, ...)` traced under the `ops.implementation` setting of a variant."""
+  if kind == "train":
+    fn = lambda *a: progs._train_step(*a)  # noqa: E731  fresh function: no trace-cache sharing
+    args = (progs.variables["params"], progs.variables["batch_stats"], progs.opt_state,
+            progs.images, progs.labels)
+    step = lambda c, a: (*c(*a), a[3], a[4])  # noqa: E731
+  elif kind == "eval":
+    fn = lambda *a: progs._forward(*a)  # noqa: E731
+    args = (progs.variables, progs.images)
+    step = lambda c, a: (jax.block_until_ready(c(*a)), a)[1]  # noqa: E731
+  else:
+    raise ValueError(f"unknown kind {kind!r}")
+  with ops.implementation(setting):
+    compiled = jax.jit(fn).lower(*args).compile(
+        compiler_options=bench_model.compiler_options(options))
+  return compiled, args, progs.images.shape[0], step
 
 
 def main(argv=None) -> None:
@@ -62,7 +73,7 @@ def main(argv=None) -> None:
   names = [v for v in args.variants.split(",") if v]
   if not names or any(v not in VARIANTS for v in names):
     ap.error(f"--variants {args.variants!r}: expected a subset of {','.join(VARIANTS)}")
-  if not onednn.available():
+  if not (onednn.available() and xor.available()):
     print("note: the C++ custom calls are unavailable here, so sliced_pool and jax_xor equal "
           "shipped")
   print(f"jax {jax.__version__}  {cpu_model()}  backend {jax.default_backend()}  {args.kind}  "
@@ -74,8 +85,8 @@ def main(argv=None) -> None:
   entries = {}
   for name in names:
     t = time.perf_counter()
-    with VARIANTS[name]():
-      entries[name] = progs.compile(args.kind, "lib", "cpu" if args.kind == "train" else "default")
+    entries[name] = compile_variant(progs, args.kind, VARIANTS[name],
+                                    "cpu" if args.kind == "train" else "default")
     print(f"  compiled {name} in {time.perf_counter() - t:.1f} s", flush=True)
   res = bench_model.run_interleaved(entries, warmup=2, repeats=args.repeats)
   base = statistics.median(res[names[0]][0])

@@ -2,13 +2,14 @@
 
   .venv/bin/python experiments/bench_conv_layers.py --model bireal18 --image-size 224 --batch-size 32
 
-The convolutions are read from the model itself (a jaxpr of its training forward with the CPU
-fast paths off, so each is a plain `lax.conv_general_dilated`); identical geometries are timed
-once and counted. For each: the f32 forward, the input gradient dX (skipped for the stem, whose
-input needs none) and the weight gradient dW, each jitted alone with `--options` and timed
+The convolutions are read from the model itself (a jaxpr of its training forward under
+`ops.implementation("reference")`, so each is a plain `lax.conv_general_dilated`); identical
+geometries are timed once and counted. For each: the f32 forward, the input gradient dX (skipped
+for the stem, whose input needs none) and the weight gradient dW, each `ops.conv2d` under
+`ops.implementation({"conv2d": "reference" | "onednn"})`, jitted alone with `--options` and timed
 interleaved with the whole library train step on the same convolutions (`bench_model.Programs`
-paths "xla" — the CPU fast paths but XLA's convolutions — or, with `--impl onednn`, the library
-as shipped; Adam, the same options), medians of `--repeats`
+paths "jax" — the CPU fast paths but XLA's convolutions — or, with `--impl onednn`, "native":
+the C++ kernels wherever they apply; Adam, the same options), medians of `--repeats`
 (each timed call right after an untimed one of the same program). The table gives ms per call
 and GFLOP/s; the summary compares the sum with the step. The step's binary forwards take the
 XOR/int8 paths, so the sum is of the plain f32 work the step would do without them.
@@ -30,10 +31,10 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from bench_model import Programs, add_model_args, compiler_options, parse_model_args
-from bireal_jax import layers, models
+from bireal_jax import models, ops
+from bireal_jax.ops.reference import conv2d as lax_conv
 from bireal_jax.ops.cpu import onednn
 from machine import cores, cpu_model, loadavg
 
@@ -47,7 +48,7 @@ def model_convs(model_name: str, batch: int, size: int, num_classes: int) -> col
   def fwd(v, x):
     return model.apply(v, x, train=True, mutable=["batch_stats"])[0]
 
-  with layers.cpu_fast_paths(False):
+  with ops.implementation("reference"):
     jaxpr = jax.make_jaxpr(fwd)(variables, x)
   found = collections.Counter()
 
@@ -64,21 +65,26 @@ def model_convs(model_name: str, batch: int, size: int, num_classes: int) -> col
   return found
 
 
+IMPLS = {"xla": "reference", "onednn": "onednn"}  # --impl -> ops' conv2d candidate
+STEP_PATHS = {"xla": "jax", "onednn": "native"}  # --impl -> bench_model.Programs paths
+
+
 def conv_programs(lhs, rhs, strides, padding, options: dict, stem: bool, impl: str = "xla"):
   """{part: (compiled, args, flops)} for the forward, dX and dW of one conv.
 
   `stem`: the conv reads the input images, so the train step needs no dX for it.
-  `impl`: "xla" (`lax.conv_general_dilated`) or "onednn" (`onednn.conv2d`, the CPU fast path).
+  `impl`: "xla" (`ops.conv2d`'s "reference", i.e. `lax.conv_general_dilated`) or "onednn"
+  (its oneDNN candidate, the CPU fast path).
   """
-  if impl == "onednn":
-    conv = lambda x, w: onednn.conv2d(x, w, strides, padding)  # noqa: E731
-  else:
-    conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding,  # noqa: E731
-                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if impl not in IMPLS:
+    raise ValueError(f"unknown impl {impl!r}; expected one of {sorted(IMPLS)}")
+  setting = {"conv2d": IMPLS[impl]}
+  conv = lambda x, w: ops.conv2d(x, w, strides, padding)  # noqa: E731
   rng = np.random.default_rng(0)
   x = jnp.asarray(np.sign(rng.standard_normal(lhs)).astype(np.float32))
   w = jnp.asarray(rng.standard_normal(rhs).astype(np.float32))
-  y = jax.eval_shape(conv, x, w)
+  y = jax.eval_shape(lambda a, b: lax_conv(a, b, strides, padding), x, w)  # not `conv`: jax
+  # caches a function's trace, and `conv`'s must be made under `setting`
   g = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
   flops = 2 * int(np.prod(y.shape)) * int(np.prod(rhs[:3]))
   parts = {"fwd": (conv, (x, w)),
@@ -86,8 +92,9 @@ def conv_programs(lhs, rhs, strides, padding, options: dict, stem: bool, impl: s
            "dW": (lambda x, w, g: jax.vjp(lambda b: conv(x, b), w)[1](g)[0], (x, w, g))}
   if stem:
     del parts["dX"]
-  return {k: (jax.jit(f).lower(*a).compile(compiler_options=options), a, flops)
-          for k, (f, a) in parts.items()}
+  with ops.implementation(setting):  # chosen while tracing, so inside the block
+    return {k: (jax.jit(f).lower(*a).compile(compiler_options=options), a, flops)
+            for k, (f, a) in parts.items()}
 
 
 def library_split(compiled) -> tuple[int, int]:
@@ -116,7 +123,7 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   add_model_args(ap, repeats=5)
   ap.add_argument("--options", choices=("cpu", "default"), default="cpu",
-                  help="cpu = layers.cpu_compiler_options() (what the training loop uses)")
+                  help="cpu = ops.compiler_options() (what the training loop uses)")
   ap.add_argument("--impl", choices=("xla", "onednn"), default="xla",
                   help="whose convolutions: XLA's, or the oneDNN custom calls the library uses "
                        "on CPU (the step is then the library's as shipped)")
@@ -144,7 +151,7 @@ def main(argv=None) -> None:
         f"programs: {plain} convolutions run by XLA itself (Eigen), {fused} inside library "
         f"fusions (YNNPACK/XNNPACK/oneDNN)")
   step, args, n, advance = Programs(a.model, a.batch_size, a.image_size, a.num_classes).compile(
-      "train", "xla" if a.impl == "xla" else "lib", a.options)
+      "train", STEP_PATHS[a.impl], a.options)
   args = jax.block_until_ready(advance(step, args))
   times = {k: [] for k in entries}
   step_times = []
@@ -158,7 +165,7 @@ def main(argv=None) -> None:
     args = jax.block_until_ready(advance(step, args))
     step_times.append(time.perf_counter() - t)
 
-  print(f"\n| convolution | count | part | ms per call | ms × count | GFLOP/s |\n|---|---|---|---|---|---|")
+  print("\n| convolution | count | part | ms per call | ms × count | GFLOP/s |\n|---|---|---|---|---|---|")
   by_part = collections.Counter()
   for (name, part), (_, _, flops, count) in entries.items():
     med = statistics.median(times[(name, part)])

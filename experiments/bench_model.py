@@ -5,15 +5,18 @@
 Every program is jitted and timed after `--warmup` untimed calls (compile excluded); figures are
 medians of `--repeats` calls. Several variants are compiled in the same process and timed
 interleaved (A, B, A, B, ...), so load from other processes hits them alike; the ratio column
-compares each variant with the last one. Variants are `PATHS:OPTIONS`:
+compares each variant with the last one. Variants are `PATHS:OPTIONS`, PATHS a setting of
+`bireal_jax.ops.implementation`:
 
-  PATHS    lib   the library as shipped (CPU fast paths: oneDNN f32 convolutions, gradients and
-                 max-pool, the C++ XOR/popcount binary-conv forward, the BatchNorm backward)
-           xla   lib without the C++ custom calls (`onednn.enabled(False)`): XLA's convolutions,
-                 the pure-JAX XOR forward and sliced max-pool; the BatchNorm backward stays
-           ref   the same model traced with `layers.cpu_fast_paths(False)` (plain lax ops)
+  PATHS    auto       the library's default: each op's fastest candidate on this CPU and shape
+                      (timed on first use; the picks are printed)   [alias: lib]
+           native     the C++ kernels wherever they apply: oneDNN f32 convolutions, gradients
+                      and max-pool, the C++ XOR/popcount binary-conv forward, BatchNorm backward
+           jax        no custom calls: XLA's convolutions, the pure-JAX XOR forward, sliced
+                      max-pool, BatchNorm backward                 [alias: xla]
+           reference  plain lax ops, what GPUs and TPUs run         [alias: ref]
   OPTIONS  default  XLA's default compiler options
-           cpu      `layers.cpu_compiler_options()` (Eigen instead of YNNPACK convolutions)
+           cpu      `ops.compiler_options()` (Eigen instead of YNNPACK convolutions)
 
 The train step is Adam + softmax cross-entropy with batch_stats mutable (the work of
 `bireal_jax.train`'s step, minus metrics). Besides wall time it reports CPU seconds per call
@@ -41,24 +44,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bireal_jax import layers, models  # noqa: E402
-from bireal_jax.ops.cpu import onednn  # noqa: E402
+from bireal_jax import models, ops  # noqa: E402
+from bireal_jax.ops import autotune  # noqa: E402
+from bireal_jax.ops.cpu import build  # noqa: E402
 from machine import cores, cpu_model, cpu_seconds, loadavg
 
-DEFAULT_VARIANTS = {"train": "lib:cpu,xla:cpu,ref:cpu",
-                    "eval": "lib:default,lib:cpu,ref:default",
-                    "latency": "lib:default,ref:default"}
+DEFAULT_VARIANTS = {"train": "auto:cpu,native:cpu,jax:cpu,reference:cpu",
+                    "eval": "auto:default,native:default,jax:default,reference:default",
+                    "latency": "auto:default,native:default,jax:default,reference:default"}
 
 
 def compiler_options(name: str) -> dict:
   if name == "default":
     return {}
   if name == "cpu":
-    return layers.cpu_compiler_options()
+    return ops.compiler_options()
   raise ValueError(f"unknown compiler options {name!r}; expected 'default' or 'cpu'")
 
 
-PATHS = ("lib", "xla", "ref")
+SETTINGS = {"auto": "auto", "native": "native", "jax": "jax", "reference": "reference",
+            "lib": "auto", "xla": "jax", "ref": "reference"}  # the last three: older names
+PATHS = tuple(SETTINGS)
 
 
 class Programs:
@@ -109,7 +115,7 @@ class Programs:
       n = images.shape[0]
     else:
       raise ValueError(f"unknown kind {kind!r}")
-    with layers.cpu_fast_paths(paths != "ref"), onednn.enabled(paths != "xla"):
+    with ops.implementation(SETTINGS[paths]):
       compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options(options))
     return compiled, args, n, step
 
@@ -176,16 +182,17 @@ def main(argv=None) -> None:
     variants[kind] = vs
 
   print(f"jax {jax.__version__}  jaxlib {jaxlib.__version__}  flax {flax.__version__}  optax {optax.__version__}  python {platform.python_version()}")
-  print(f"cpu {cpu_model()}  cores {cores()} (os.cpu_count {os.cpu_count()})  "
-        f"backend {jax.default_backend()}  devices {jax.local_device_count()}")
+  print(f"cpu {cpu_model()}  ISA {build.isa()}  cores {cores()} (os.cpu_count "
+        f"{os.cpu_count()})  backend {jax.default_backend()}  devices {jax.local_device_count()}")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  "
-        f"cpu_compiler_options={layers.cpu_compiler_options()}")
+        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')!r}  "
+        f"cpu_compiler_options={ops.compiler_options()}")
   print(f"model {args.model}  image {args.image_size}x{args.image_size}  batch {args.batch_size}  "
         f"dtype {args.dtype}  median of {args.repeats} interleaved calls after {args.warmup} "
         f"warm-up calls")
   print(f"load average before: {loadavg()}")
   progs = Programs(args.model, args.batch_size, args.image_size, args.num_classes, args.dtype)
-  print(f"host malloc: {MALLOC} (bireal_jax/host_malloc.py)")
+  print(f"host malloc: {MALLOC} (bireal_jax/ops/cpu/host_malloc.py)")
   for kind in kinds:
     entries = {}
     for v in variants[kind]:
@@ -202,7 +209,21 @@ def main(argv=None) -> None:
       print(f"{label[kind]:18s} {v:12s} {rate}  median {med * 1e3:8.1f} ms/call (min "
             f"{min(walls) * 1e3:.1f})  cpu {statistics.median(cpus):6.2f} s/call  "
             f"speed vs {variants[kind][-1]}: {ref / med:5.2f}x", flush=True)
+  print_auto_choices()
   print(f"load average after: {loadavg()}")
+
+
+def print_auto_choices() -> None:
+  """What `auto` picked, per op: counts of shapes per candidate, then each shape."""
+  summary = autotune.summary()
+  if not summary:
+    return
+  print("auto's picks (op: candidate x shapes):  " + ";  ".join(
+      f"{op}: " + ", ".join(f"{n} x{c}" for n, c in picks.items())
+      for op, picks in summary.items()))
+  for op, picks in autotune.choices().items():
+    for shape, name in picks.items():
+      print(f"  {op:17s} {shape:70s} -> {name}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
   python experiments/bench_peers.py --device gpu --batch-size 256 --calls 10 --gap 0  # jax, torch
 
 Systems (each in its own worker process, `--threads` intra-op threads each):
-  jax    this library's float path: Adam train step compiled with `layers.cpu_compiler_options()`,
-         eval forward and batch-1 forward with XLA's defaults (the faster choice for each).
+  jax    this library's float path as shipped (`ops` setting `auto`, or BIREAL_OPS through
+         `--jax-env`): Adam train step compiled with `ops.compiler_options()`, eval forward and
+         batch-1 forward with XLA's defaults. Its info line names the CPU's ISA and what `auto`
+         picked per op.
   torch  the official layout (`tests/torch_bireal.py`) trained as the authors' code does: the
          ApproxSign and clamp-STE weight gradients written with the same detach() identities,
          α detached; Adam; eval under `torch.inference_mode()`.
@@ -67,14 +69,20 @@ def _build_jax(a):
     compiled, _, _, step = fns[op]
     state[op] = jax.block_until_ready(step(compiled, state[op]))
 
+  from bireal_jax.ops import autotune
+  from bireal_jax.ops.cpu import build
+  picks = "; ".join(f"{op}: " + ", ".join(f"{n} x{c}" for n, c in p.items())
+                    for op, p in autotune.summary().items())
   return call, (f"jax {jax.__version__} jaxlib {jaxlib.__version__} flax {flax.__version__} "
                 f"{a.dtype} on {jax.devices()[0].device_kind}"
-                + (f", host malloc {bench_model.MALLOC}" if a.device == "cpu" else ""))
+                + (f", host malloc {bench_model.MALLOC}, ISA {build.isa()}, ops "
+                   f"{os.environ.get('BIREAL_OPS', 'auto')}"
+                   + (f" (auto picked {picks})" if picks else "") if a.device == "cpu" else ""))
 
 
 def _official_training_semantics(net, torch):
   """Rebinds the forward passes of `tests/torch_bireal.py`'s modules to the authors' training
-  formulation (written from REFERENCE.md): forward values unchanged, gradients by detach()."""
+  formulation (the authors' training code, docs/reference.md): forward values unchanged, gradients by detach()."""
   from torch_bireal import Basic, FlatBinaryConv
   import torch.nn.functional as F
 
@@ -291,15 +299,26 @@ class Worker:
     self.log.close()
 
 
+def _isa() -> str:
+  """AVX-512 / VPOPCNTDQ / AVX2 from /proc/cpuinfo (this file also runs where JAX is absent)."""
+  try:
+    flags = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split())
+  except (OSError, StopIteration):
+    return "unknown"
+  have = [f for f in ("avx512f", "avx512_vpopcntdq", "avx2") if f in flags]
+  return "+".join(have) or "no AVX2"
+
+
 def controller(a) -> None:
   names = [s for s in SYSTEMS if not getattr(a, f"skip_{s}")]
   if a.device == "gpu":  # larq-zoo and LCE are CPU peers (TF/TFLite) here
     names = [s for s in names if s in ("jax", "torch")]
   if not names:
     raise SystemExit("every system skipped")
-  print(f"python {platform.python_version()}  cpu {cpu_model()}  cores "
+  print(f"python {platform.python_version()}  cpu {cpu_model()}  ISA {_isa()}  cores "
         f"{cores()}"
         f"  threads per system {a.threads}")
+  os.makedirs(a.log_dir, exist_ok=True)
   print(f"Bi-Real-18  image {a.image_size}x{a.image_size}  batch {a.batch_size} (batch 1 for "
         f"latency)  {a.num_classes} classes  median of {a.repeats} interleaved rounds after "
         f"{a.warmup} warm-up calls; {a.calls} steps per timed call; {a.device} {a.dtype}")

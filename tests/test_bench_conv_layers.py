@@ -39,13 +39,15 @@ def test_conv_programs_compute_the_gradients_of_the_convolution(impl):
   np.testing.assert_allclose(c(x, w, g), want, rtol=1e-4, atol=1e-3)
   assert flops == 2 * g.size * rhs[0] * rhs[1] * rhs[2]
   assert "dX" not in bcl.conv_programs(lhs, rhs, strides, padding, {}, stem=True)
+  with pytest.raises(ValueError, match="unknown impl"):
+    bcl.conv_programs(lhs, rhs, strides, padding, {}, stem=False, impl="cudnn")
 
 
 def test_library_split_sees_the_cpu_options_keep_convolutions_on_eigen():
   (lhs, rhs, strides, padding), = [k for k in bcl.model_convs("bireal18", 2, 32, 10)
                                    if k[1][:2] == (3, 3) and k[2] == (1, 1)][:1]
-  from bireal_jax import layers
-  cpu = bcl.conv_programs(lhs, rhs, strides, padding, layers.cpu_compiler_options(), stem=False)
+  from bireal_jax import ops
+  cpu = bcl.conv_programs(lhs, rhs, strides, padding, ops.compiler_options(), stem=False)
   assert bcl.library_split(cpu["fwd"][0]) == (1, 0)
   default = bcl.conv_programs(lhs, rhs, strides, padding, {}, stem=False)
   assert sum(bcl.library_split(default["fwd"][0])) == 1

@@ -82,7 +82,7 @@ def test_pytorch_checkpoint_gives_pytorch_logits(torch_case, name):
 @needs_torch
 def test_pytorch_param_count_matches_official_bireal18():
   conv = convert.from_pytorch(tb.randomize_(tb.TorchBiRealNet("bireal18", 1000)).state_dict())
-  assert convert.n_params(conv.variables) == 11_689_512  # REFERENCE.md
+  assert convert.n_params(conv.variables) == 11_689_512  # docs/reference.md
 
 
 @needs_torch

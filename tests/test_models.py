@@ -43,7 +43,7 @@ def test_parameter_counts_match_the_official_models(name, expected):
 
 
 def _bottleneck_count(stages, classes=1000):
-  """Independent count from the architecture description (REFERENCE.md, official BiReal_50)."""
+  """Independent count from the architecture description (docs/reference.md, official BiReal_50)."""
   n = 7 * 7 * 3 * 64 + 2 * 64 + 2048 * classes + classes  # stem conv + BN, fc
   c_in, m_prev, first = 64, None, True
   for s, blocks in enumerate(stages):

@@ -1,5 +1,6 @@
 """oneDNN convolutions (jax.ffi custom calls, CPU only) against `lax.conv_general_dilated`:
-values, input and kernel gradients, under jit/pmap/vmap, and how the layers choose them."""
+values, input and kernel gradients, under jit/pmap/vmap, and how the layers choose them; and the
+C++ XOR binary-conv forward (`bireal_jax.ops.cpu.xor`)."""
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bireal_jax import layers, models
-from bireal_jax.ops.cpu import onednn
+from bireal_jax import layers, models, ops
+from bireal_jax.ops.cpu import binconv, onednn, xor
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN convolutions are CPU-only"),
@@ -152,40 +153,49 @@ XOR_CONVS = [  # (x shape, kernel shape, stride, pad): channels off and on word/
 ]
 
 
+needs_xor = pytest.mark.skipif(jax.default_backend() == "cpu" and not xor.available(),
+                               reason="the C++ XOR kernel is not built here (needs g++)")
+
+
+@needs_xor
 @pytest.mark.parametrize("x_shape,k_shape,stride,pad", XOR_CONVS)
 def test_xor_conv_equals_the_f32_conv_and_the_jax_xor_kernel(x_shape, k_shape, stride, pad):
   from bireal_jax import quantizers
   xq = jnp.where(_rand(x_shape, 5) >= 0, 1.0, -1.0)
   wq = quantizers.magnitude_aware_sign(_rand(k_shape, 6))
-  xor = jax.jit(lambda a, b: onednn.xor_conv(a, b, stride, pad))
+  strides, pads = (stride, stride), ((pad, pad), (pad, pad))
+  kernel = jax.jit(lambda a, b: xor.xor_conv(a, b, stride, pad))
   # Exact integers times α: the f32 convolution of the same operands agrees to its rounding.
-  _assert_close(xor(xq, wq), _ref(xq, wq, (stride, stride), ((pad, pad), (pad, pad))))
+  _assert_close(kernel(xq, wq), _ref(xq, wq, strides, pads))
   # Bit for bit the pure-JAX kernel, also for ±0 entries (bit 0, i.e. +1, in both).
   wq = wq.at[0, 0, 0].set(0.0 * wq[0, 0, 0])
-  np.testing.assert_array_equal(xor(xq, wq), layers._conv_pm1_xor_jax(xq, wq, stride, pad))
+  np.testing.assert_array_equal(kernel(xq, wq), binconv.xor_jax(xq, wq, strides, pads))
 
 
+@needs_xor
 def test_xor_conv_lowers_to_its_custom_call_and_rejects_bad_input():
   xq, wq = jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
   assert "bireal_xor_conv_fwd" in jax.jit(
-      lambda a, b: onednn.xor_conv(a, b, 1, 1)).lower(xq, wq).as_text()
+      lambda a, b: xor.xor_conv(a, b, 1, 1)).lower(xq, wq).as_text()
   with pytest.raises(ValueError, match="matching channels"):
-    onednn.xor_conv(xq, jnp.ones((3, 3, 2, 4)), 1, 1)
+    xor.xor_conv(xq, jnp.ones((3, 3, 2, 4)), 1, 1)
   with pytest.raises(ValueError, match="does not fit"):
-    onednn.xor_conv(xq, jnp.ones((7, 7, 3, 4)), 1, 0)
+    xor.xor_conv(xq, jnp.ones((7, 7, 3, 4)), 1, 0)
 
 
 def test_layers_choose_onednn_only_on_the_cpu_fast_paths():
   model = models.get("bireal18", num_classes=5, base_width=8, stem="imagenet")
   x = _rand((2, 32, 32, 3), 3)
-  variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+  variables = jax.eval_shape(model.init, jax.random.key(0), x[:1])  # tracing needs shapes only
   train = lambda v, a: model.apply(v, a, train=True, mutable=["batch_stats"])[0]  # noqa: E731
-  fast = str(jax.make_jaxpr(train)(variables, x))
-  with layers.cpu_fast_paths(False):
-    ref = str(jax.make_jaxpr(lambda v, a: train(v, a))(variables, x))
-  with onednn.enabled(False):
-    xla = str(jax.make_jaxpr(lambda v, a: train(v, a))(variables, x))
-  assert onednn.active()  # the switch restored
+  trace = lambda: str(jax.make_jaxpr(lambda v, a: train(v, a))(variables, x))  # noqa: E731
+  with ops.implementation("native"):
+    fast = trace()
+    with ops.implementation("reference"):
+      ref = trace()
+    with ops.implementation("jax"):
+      xla = trace()
+    assert trace() == fast  # the switch restored
   assert "bireal_onednn_conv_fwd" in fast and "conv_general_dilated" not in fast
   assert "bireal_onednn" not in ref and "conv_general_dilated" in ref
   # oneDNN off, the other fast paths on: XLA's convolutions and the XOR binary forward.
@@ -201,20 +211,33 @@ def test_nn_conv_adapter_matches_lax(kwargs):
   plain = nn.Conv(6, (3, 3), use_bias=False, **kwargs)
   x = _rand((2, 9, 9, 4), 4)
   variables = plain.init(jax.random.key(1), x)
-  _assert_close(jax.jit(conv.apply)(variables, x), plain.apply(variables, x))
-  g = jax.jit(jax.grad(lambda v: conv.apply(v, x).sum()))(variables)
+  with ops.implementation("native"):
+    jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
+    y = jax.jit(conv.apply)(variables, x)
+    g = jax.jit(jax.grad(lambda v: conv.apply(v, x).sum()))(variables)
+  # Only plain convolutions go to `ops.conv2d` (oneDNN under "native"); 'SAME' at stride 2 is one.
+  assert ("bireal_onednn_conv_fwd" in jaxpr) == ("strides" in kwargs)
+  _assert_close(y, plain.apply(variables, x))
   g_ref = jax.grad(lambda v: plain.apply(v, x).sum())(variables)
   _assert_close(g["params"]["kernel"], g_ref["params"]["kernel"])
 
 
 def test_disabled_by_environment_falls_back_with_a_message():
-  env = dict(os.environ, BIREAL_ONEDNN="0", JAX_PLATFORMS="cpu")
-  code = ("from bireal_jax import layers; from bireal_jax.ops.cpu import onednn; import jax, jax.numpy as jnp;"
-          "x = jnp.ones((1, 5, 5, 3)); k = jnp.ones((3, 3, 3, 2));"
-          "print(onednn.available(), jax.jit(lambda a, b: layers._conv_f32(a, b, (1, 1),"
-          " ((1, 1), (1, 1)))).lower(x, k).as_text().count('bireal_onednn'))")
+  # `auto` (and `applicable`) leave oneDNN out; naming it raises a ValueError saying so.
+  env = dict(os.environ, BIREAL_ONEDNN="0", JAX_PLATFORMS="cpu", BIREAL_OPS="auto")
+  code = ("from bireal_jax import ops; from bireal_jax.ops.cpu import onednn; import jax, jax.numpy as jnp;"
+          "x = jnp.ones((1, 5, 5, 3)); k = jnp.ones((3, 3, 3, 2)); s = dict(strides=(1, 1),"
+          " pads=((1, 1), (1, 1)));"
+          "f = lambda a, b: ops.conv2d(a, b, (1, 1), ((1, 1), (1, 1)));"
+          "print(onednn.available(), 'onednn' in ops.applicable('conv2d', (x, k), s),"
+          " jax.jit(f).lower(x, k).as_text().count('bireal_onednn'))\n"
+          "try:\n"
+          "  with ops.implementation({'conv2d': 'onednn'}): jax.jit(lambda a, b: f(a, b)).lower(x, k)\n"
+          "except ValueError as e: print('ValueError:', e)")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.split() == ["False", "0"]
+  lines = out.stdout.splitlines()
+  assert lines[0].split() == ["False", "False", "0"]
+  assert lines[1].startswith("ValueError:") and "'onednn' is not available" in lines[1]
   assert "disabled by BIREAL_ONEDNN=0" in out.stderr

@@ -67,13 +67,13 @@ def new_state(config):
                                   (config.image_size,) * 2 + (3,), lr_fn_of(config))
 
 
-def run_steps(config, mapping, batches, state=None):
+def run_steps(config, mapping, batches, state=None, **step_kw):
   """Train `batches` through `mapping` with the loop's own step; (host state, [losses])."""
   lr_fn = lr_fn_of(config)
   state = state or new_state(config)
   step = mapping.map(functools.partial(train.train_step, learning_rate_fn=lr_fn,
                                        label_smoothing=config.label_smoothing,
-                                       grad_accum_steps=config.grad_accum_steps),
+                                       grad_accum_steps=config.grad_accum_steps, **step_kw),
                      batched=(False, True), donate=(0,))
   pstate = mapping.put_replicated(state)
   losses = []
@@ -106,6 +106,19 @@ def one_device_run(accum):
     _ONE_DEVICE[accum] = run_steps(config, train.Mapping("pmap", devices=jax.devices()[:1]),
                                    synthetic_batches(config, 3))
   return _ONE_DEVICE[accum]
+
+
+def test_scanned_micro_batches_match_the_unrolled_loop():
+  """Off the CPU the micro-batches run in a lax.scan (one body, flat compile time): same
+  update as the unrolled loop the CPU uses."""
+  config = tiny_config(grad_accum_steps=2)
+  batches = synthetic_batches(config, 2)
+  one = train.Mapping("pmap", devices=jax.devices()[:1])
+  s_scan, l_scan = run_steps(config, one, batches, scan_micro_batches=True)
+  s_loop, l_loop = run_steps(config, one, batches, scan_micro_batches=False)
+  np.testing.assert_allclose(l_scan, l_loop, rtol=1e-5)
+  assert_trees_close(s_scan.params, s_loop.params)
+  assert_trees_close(s_scan.batch_stats, s_loop.batch_stats)
 
 
 @needs_8
@@ -295,8 +308,8 @@ def test_bfloat16_compute_trains_with_float32_parameters():
 @needs_8
 @pytest.mark.parametrize("kind", ["pmap", "shard_map"])
 def test_train_step_with_cpu_compiler_options_matches_and_keeps_one_executable(kind):
-  """The loop compiles its train step with `layers.cpu_compiler_options()` (AOT for pmap)."""
-  from bireal_jax import layers
+  """The loop compiles its train step with `ops.compiler_options()` (AOT for pmap)."""
+  from bireal_jax import ops
   config = tiny_config()
   batches = synthetic_batches(config, 3)
   mapping = train.Mapping(kind)
@@ -304,7 +317,7 @@ def test_train_step_with_cpu_compiler_options_matches_and_keeps_one_executable(k
                                        label_smoothing=config.label_smoothing,
                                        grad_accum_steps=1),
                      batched=(False, True), donate=(0,),
-                     compiler_options=layers.cpu_compiler_options())
+                     compiler_options=ops.compiler_options())
   pstate = mapping.put_replicated(new_state(config))
   losses = []
   for b in batches:

@@ -1,4 +1,5 @@
-"""Test helper: the authors' PyTorch Bi-Real nets, rebuilt from the layout facts in REFERENCE.md.
+"""Test helper: the authors' PyTorch Bi-Real nets, rebuilt from the layout facts in
+docs/reference.md.
 
 Only what a converter test needs: the forward pass in eval mode and a state dict whose keys and
 shapes are those of the official checkpoints (`BiReal18_34` keeps binary kernels flat as

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bireal_jax import layers
+from bireal_jax.models import plan
 from bireal_jax.layers import (BiRealBlock, BiRealBottleneck, Downsample, QuantizerSpec,
                                torch_default_init)
 
@@ -119,37 +120,25 @@ class BiRealNet(nn.Module):
     return x.astype(jnp.float32)
 
   def _basic_stages(self, x, norm, common):
-    for s, n in enumerate(self.stage_sizes):
-      width = self.base_width * 2**s
-      i = 0
-      while i < n:
-        stride = 2 if (s > 0 and i == 0) else 1
-        name = f"layer{s + 1}_{i}"
-        if self.shortcut == "bireal" or (self.shortcut == "resnet" and i == n - 1 and n % 2):
-          x = BiRealBlock(width, stride, **common, name=name)(x)
-          i += 1
-        elif self.shortcut == "resnet":  # plain 1-bit ResNet: one shortcut around two convs
-          inp = x
-          x = BiRealBlock(width, stride, shortcut=False, **common, name=name)(x)
-          x = BiRealBlock(width, 1, shortcut=False, **common, name=f"layer{s + 1}_{i + 1}")(x)
-          if stride != 1 or inp.shape[-1] != width:
-            inp = Downsample(width, stride, norm, self.dtype, name=f"{name}_downsample")(inp)
-          x = x + inp.astype(x.dtype)
-          i += 2
-        else:  # no shortcut at all
-          x = BiRealBlock(width, stride, shortcut=False, **common, name=name)(x)
-          i += 1
+    for u in plan.basic_plan(self.stage_sizes, self.base_width, self.shortcut):
+      if u.kind == "bireal":  # the block adds its own (possibly downsampling) shortcut
+        x = BiRealBlock(u.width, u.stride, **common, name=u.names[0])(x)
+      elif u.kind == "pair":  # plain 1-bit ResNet: one shortcut around two convs
+        inp = x
+        x = BiRealBlock(u.width, u.stride, shortcut=False, **common, name=u.names[0])(x)
+        x = BiRealBlock(u.width, 1, shortcut=False, **common, name=u.names[1])(x)
+        if u.downsample:
+          inp = Downsample(u.width, u.stride, norm, self.dtype, name=u.downsample_name)(inp)
+        x = x + inp.astype(x.dtype)
+      else:  # no shortcut at all
+        x = BiRealBlock(u.width, u.stride, shortcut=False, **common, name=u.names[0])(x)
     return x
 
   def _bottleneck_stages(self, x, common):
     x1 = x2 = x
-    k = 0
-    for s, n in enumerate(self.stage_sizes):
-      width = self.base_width * 4 * 2**s
-      for i in range(n):
-        x1, x2 = BiRealBottleneck(width, 2 if (s > 0 and i == 0) else 1, is_downsample=(i == 0),
-                                  is_first_block=(k == 0), **common, name=f"layers_{k}")(x1, x2)
-        k += 1
+    for u in plan.bottleneck_plan(self.stage_sizes, self.base_width):
+      x1, x2 = BiRealBottleneck(u.width, u.stride, is_downsample=u.is_downsample,
+                                is_first_block=u.is_first, **common, name=u.name)(x1, x2)
     return x2
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 from bireal_jax import layers as _linen_layers
 from bireal_jax.layers import QuantizerSpec, torch_default_init
 from bireal_jax.models.bireal import PADDINGS, SHORTCUTS, _torch_bias_init
+from bireal_jax.models import plan as model_plan
 from bireal_jax.nnx.layers import BatchNorm, BiRealBlock, BiRealBottleneck, Conv, Downsample
 
 
@@ -92,46 +93,34 @@ class BiRealNet(nnx.Module):
     plan.append((kind, name))
 
   def _basic_stages(self, plan: list, norm, common) -> int:
+    """The units of `models.plan.basic_plan` (the Linen model's and the packed forward's)."""
     cin = self.base_width
-    for s, n in enumerate(self.stage_sizes):
-      width = self.base_width * 2**s
-      i = 0
-      while i < n:
-        stride = 2 if (s > 0 and i == 0) else 1
-        name = f"layer{s + 1}_{i}"
-        if self.shortcut == "bireal" or (self.shortcut == "resnet" and i == n - 1 and n % 2):
-          self._add(plan, "block", name, BiRealBlock(cin, width, stride, **common))
-          i += 1
-        elif self.shortcut == "resnet":  # one shortcut around two convs
-          first = BiRealBlock(cin, width, stride, shortcut=False, **common)
-          second = BiRealBlock(width, width, 1, shortcut=False, **common)
-          setattr(self, name, first)
-          setattr(self, f"layer{s + 1}_{i + 1}", second)
-          down = None
-          if stride != 1 or cin != width:
-            down = f"{name}_downsample"
-            setattr(self, down, Downsample(cin, width, stride, norm=norm, dtype=self.dtype,
-                                           rngs=common["rngs"]))
-          plan.append(("pair", name, f"layer{s + 1}_{i + 1}", down))
-          i += 2
-        else:  # no shortcut at all
-          self._add(plan, "block", name,
-                    BiRealBlock(cin, width, stride, shortcut=False, **common))
-          i += 1
-        cin = width
+    for u in model_plan.basic_plan(self.stage_sizes, self.base_width, self.shortcut):
+      name = u.names[0]
+      if u.kind == "bireal":
+        self._add(plan, "block", name, BiRealBlock(cin, u.width, u.stride, **common))
+      elif u.kind == "pair":  # one shortcut around two convs
+        setattr(self, name, BiRealBlock(cin, u.width, u.stride, shortcut=False, **common))
+        setattr(self, u.names[1], BiRealBlock(u.width, u.width, 1, shortcut=False, **common))
+        down = None
+        if u.downsample:
+          down = u.downsample_name
+          setattr(self, down, Downsample(cin, u.width, u.stride, norm=norm, dtype=self.dtype,
+                                         rngs=common["rngs"]))
+        plan.append(("pair", name, u.names[1], down))
+      else:  # no shortcut at all
+        self._add(plan, "block", name,
+                  BiRealBlock(cin, u.width, u.stride, shortcut=False, **common))
+      cin = u.width
     return cin
 
   def _bottleneck_stages(self, plan: list, common) -> int:
     cin = mid_in = self.base_width  # widths of x2 and x1
-    k = 0
-    for s, n in enumerate(self.stage_sizes):
-      width = self.base_width * 4 * 2**s
-      for i in range(n):
-        self._add(plan, "bottleneck", f"layers_{k}", BiRealBottleneck(
-            cin, width, 2 if (s > 0 and i == 0) else 1, mid_in_features=mid_in,
-            is_downsample=(i == 0), is_first_block=(k == 0), **common))
-        cin, mid_in = width, width // 4
-        k += 1
+    for u in model_plan.bottleneck_plan(self.stage_sizes, self.base_width):
+      self._add(plan, "bottleneck", u.name, BiRealBottleneck(
+          cin, u.width, u.stride, mid_in_features=mid_in, is_downsample=u.is_downsample,
+          is_first_block=u.is_first, **common))
+      cin, mid_in = u.width, u.width // 4
     return cin
 
   # --- forward -----------------------------------------------------------------------------------

@@ -1,0 +1,249 @@
+"""`auto`: time an op's candidates on this CPU, once per shape, and run the fastest.
+
+On first use of an (op, operand shapes and dtypes, static options, train|eval), each candidate
+that applies (`ops.applicable`) is compiled on random operands of those shapes (±1 and α·sign for
+the binary convolution) and run in interleaved rounds; the one with the smallest time wins (the
+minimum over rounds: the machine may be shared, and noise only ever adds time). Training picks
+by forward + backward time, compiled with the training step's compiler options; inference by
+the forward. The picks are kept in memory and in a JSON file under `$BIREAL_JAX_CACHE/autotune/`
+keyed by the CPU (model, flags, ISA cap), thread count, jax version, XLA flags and the C++
+sources, so a later process on the same machine does not time again.
+
+Knobs (environment): `BIREAL_AUTOTUNE_MIN_WORK` (default 2e6): operations with less work
+(multiply-adds, or elements × taps) than this run the reference without timing — too small for
+the choice to matter, and tiny test models stay fast to trace; `BIREAL_AUTOTUNE_ROUNDS` (default
+5); `BIREAL_AUTOTUNE_CACHE=0` turns the disk cache off.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bireal_jax import ops as _ops
+from bireal_jax.ops import geometry
+
+_LOCK = threading.Lock()
+_MEMO: dict[str, str] = {}
+_DISK: dict[str, dict] = {}
+
+
+def _min_work() -> float:
+  return float(os.environ.get("BIREAL_AUTOTUNE_MIN_WORK", "2e6"))
+
+
+def _rounds() -> int:
+  return max(1, int(os.environ.get("BIREAL_AUTOTUNE_ROUNDS", "5")))
+
+
+def work(op: str, arrays, statics) -> float:
+  """Multiply-adds of a convolution; elements × taps of a pool; 4 × elements of a BatchNorm."""
+  x = arrays[0]
+  if op in ("conv2d", "binary_conv2d"):
+    w = arrays[1]
+    oh, ow = geometry.out_hw(x.shape, w.shape, statics["strides"], statics["pads"])
+    return float(x.shape[0] * oh * ow * np.prod(w.shape))
+  if op == "max_pool":
+    return float(np.prod(x.shape) * np.prod(statics["window"]))
+  return 4.0 * float(np.prod(x.shape))
+
+
+def _key(op, arrays, statics, train) -> str:
+  shapes = [[list(a.shape), str(a.dtype)] for a in arrays]
+  stat = {k: v for k, v in statics.items() if k != "axis_name"}  # timed without replicas
+  return json.dumps([op, shapes, stat, "train" if train else "eval"], sort_keys=True)
+
+
+def _machine() -> str:
+  """Everything a pick depends on besides the op: CPU, threads, ISA cap, versions, sources."""
+  from bireal_jax.ops.cpu import build
+  sources = b"".join(p.read_bytes() for p in sorted(build.CSRC.glob("*.cc")))
+  here = Path(__file__).parent
+  py = b"".join(p.read_bytes() for p in sorted(here.glob("**/*.py")))
+  try:
+    threads = len(os.sched_getaffinity(0))
+  except AttributeError:
+    threads = os.cpu_count() or 1
+  return hashlib.sha256(b"\n".join([
+      build.cpu_id().encode(), str(threads).encode(), str(build.isa_cap()).encode(),
+      jax.__version__.encode(), os.environ.get("XLA_FLAGS", "").encode(),
+      os.environ.get("BIREAL_ONEDNN", "").encode(), sources, py])).hexdigest()[:16]
+
+
+def _cache_file() -> Path | None:
+  if os.environ.get("BIREAL_AUTOTUNE_CACHE", "1") == "0":
+    return None
+  from bireal_jax.ops.cpu import build
+  return build.cache_dir() / "autotune" / f"{_machine()}.json"
+
+
+def _disk_get(key: str):
+  path = _cache_file()
+  if path is None:
+    return None
+  if str(path) not in _DISK:
+    try:
+      _DISK[str(path)] = json.loads(path.read_text())
+    except (OSError, ValueError):
+      _DISK[str(path)] = {}
+  return _DISK[str(path)].get(key)
+
+
+def _disk_put(key: str, entry: dict) -> None:
+  path = _cache_file()
+  if path is None:
+    return
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # merge with what other processes wrote meanwhile
+      table = json.loads(path.read_text())
+    except (OSError, ValueError):
+      table = {}
+    table.update(_DISK.get(str(path), {}))
+    table[key] = entry
+    _DISK[str(path)] = table
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+      json.dump(table, f, indent=0, sort_keys=True)
+    os.replace(f.name, path)
+  except OSError as e:  # a read-only home: the pick still holds for this process
+    logging.warning("bireal_jax: could not write the autotune cache %s (%s)", path, e)
+
+
+def _operands(op, arrays, statics):
+  """Random concrete operands of the traced operands' shapes and dtypes."""
+  rng = np.random.default_rng(0)
+  if op == "binary_conv2d":
+    xq, wq = arrays
+    x = np.where(rng.standard_normal(xq.shape) >= 0, 1.0, -1.0).astype(xq.dtype)
+    alpha = rng.uniform(1e-3, 1e-2, wq.shape[-1])
+    w = (np.where(rng.standard_normal(wq.shape) >= 0, 1.0, -1.0) * alpha).astype(wq.dtype)
+    return [x, w]
+  out = [rng.standard_normal(a.shape).astype(a.dtype) for a in arrays]
+  if op == "batch_norm_train":
+    out[1] = np.abs(out[1]) + 0.5
+  return out
+
+
+def _program(op, name, statics, train: bool) -> Callable:
+  fn = _ops.CANDIDATES[op][name].fn
+  statics = dict(statics, **({"axis_name": None} if op == "batch_norm_train" else {}))
+  f = lambda *a: fn(*a, **statics)  # noqa: E731
+  if not train:
+    return f
+
+  def fwd_bwd(*a):
+    out, vjp = jax.vjp(f, *a)
+    first = out[0] if isinstance(out, tuple) else out
+    cts = jax.tree.map(jnp.zeros_like, out)
+    cts = (first * 0 + 1.0,) + tuple(cts[1:]) if isinstance(out, tuple) else first * 0 + 1.0
+    return first, vjp(cts)
+  return fwd_bwd
+
+
+def _time(op, names, arrays, statics, train) -> dict:
+  """Seconds per call of each candidate: min over interleaved rounds of the mean of a few runs."""
+  with jax.ensure_compile_time_eval():
+    args = [jax.device_put(a) for a in _operands(op, arrays, statics)]
+    opts = _ops.compiler_options(train)
+    runs, reps = {}, {}
+    for n in names:
+      compiled = jax.jit(_program(op, n, statics, train)).lower(*args).compile(
+          compiler_options=opts)
+      jax.block_until_ready(compiled(*args))  # warm-up: first-touch of buffers, thread pools
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      one = time.perf_counter() - t0
+      runs[n], reps[n] = compiled, max(1, min(10, int(0.02 / max(one, 1e-6))))
+    best = {n: float("inf") for n in names}
+    for _ in range(_rounds()):
+      for n in names:
+        t0 = time.perf_counter()
+        for _ in range(reps[n]):
+          out = runs[n](*args)
+        jax.block_until_ready(out)
+        best[n] = min(best[n], (time.perf_counter() - t0) / reps[n])
+  return best
+
+
+def _pick(op, arrays, statics, train: bool) -> str:
+  names = _ops.applicable(op, arrays, statics)
+  if len(names) == 1:
+    return names[0]
+  if work(op, arrays, statics) < _min_work():
+    return "reference"
+  key = _key(op, arrays, statics, train)
+  with _LOCK:
+    if key in _MEMO:
+      return _MEMO[key]
+    entry = _disk_get(key)
+    if entry is None or entry.get("pick") not in names:
+      times = _time(op, names, arrays, statics, train)
+      pick = min(times, key=times.get)
+      entry = {"pick": pick, "ms": {n: round(t * 1e3, 4) for n, t in times.items()}}
+      _disk_put(key, entry)
+      logging.info("bireal_jax.ops auto: %s %s -> %s (%s)", op, key, pick,
+                   ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()))
+    _MEMO[key] = entry["pick"]
+    return entry["pick"]
+
+
+def pick(op: str, arrays, statics) -> str:
+  """What `auto` runs for this call: a candidate name, or 'auto:' when the forward and the
+  forward + backward picks may differ (resolved in `auto_call`'s custom VJP)."""
+  if op == "binary_conv2d":  # one forward for training and inference; backward via conv2d
+    return _pick(op, arrays, statics, train=False)
+  names = _ops.applicable(op, arrays, statics)
+  if len(names) == 1 or work(op, arrays, statics) < _min_work():
+    return _pick(op, arrays, statics, train=False)
+  return "auto:"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def auto_call(op, statics, *arrays):
+  statics = dict(statics)
+  return _ops.CANDIDATES[op][_pick(op, arrays, statics, train=False)].fn(*arrays, **statics)
+
+
+def _auto_fwd(op, statics, *arrays):
+  statics = dict(statics)
+  fn = _ops.CANDIDATES[op][_pick(op, arrays, statics, train=True)].fn
+  out, vjp = jax.vjp(lambda *a: fn(*a, **statics), *arrays)
+  return out, vjp
+
+
+def _auto_bwd(op, statics, vjp, cts):
+  return vjp(cts)
+
+
+auto_call.defvjp(_auto_fwd, _auto_bwd)
+
+
+def choices() -> dict:
+  """{op: {shapes/options key: pick}} of the picks made (or read from disk) in this process."""
+  out: dict = {}
+  for key, name in sorted(_MEMO.items()):
+    op, shapes, stat, mode = json.loads(key)
+    out.setdefault(op, {})[f"{mode} {' '.join('x'.join(map(str, s)) for s, _ in shapes)} "
+                           f"{stat}"] = name
+  return out
+
+
+def summary() -> dict:
+  """{op: {pick: count}} over `choices()`: one line per op for benchmark headers."""
+  out: dict = {}
+  for op, picks in choices().items():
+    for name in picks.values():
+      out.setdefault(op, {}).setdefault(name, 0)
+      out[op][name] += 1
+  return out
