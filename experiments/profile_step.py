@@ -88,7 +88,7 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   bench_model.add_model_args(ap, repeats=3)
-  ap.add_argument("--paths", default="lib", choices=bench_model.PATHS)
+  ap.add_argument("--paths", default="auto", choices=bench_model.PATHS)
   ap.add_argument("--options", default="cpu", help="compiler options: cpu or default")
   ap.add_argument("--top", type=int, default=12, help="how many shapes and ops to list")
   args = bench_model.parse_model_args(ap, argv)

@@ -27,13 +27,13 @@ def test_hlo_index_reads_names_types_and_opcodes():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the kinds are XLA:CPU's thunks")
-@pytest.mark.parametrize("paths", ["lib", "ref"])
+@pytest.mark.parametrize("paths", ["native", "ref"])
 def test_profile_of_a_tiny_step_groups_its_ops(paths, capsys):
   ps.main(["--image-size", "32", "--batch-size", "2", "--num-classes", "10", "--repeats", "1",
            "--paths", paths])
   out = capsys.readouterr().out
   assert "| kind | ms per step | share |" in out and "XLA loop fusions" in out
-  # The library step's convolutions are oneDNN custom calls; the reference step's are XLA's.
+  # The native step's convolutions are oneDNN custom calls; the reference step's are XLA's.
   if paths == "ref":
     assert "| XLA convolutions |" in out and "custom calls" not in out
   elif onednn.available():
