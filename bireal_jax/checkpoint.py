@@ -65,9 +65,6 @@ class Checkpoints:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return sorted(self.manager.all_steps())
-
   def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
     """Start saving `state` (a PyTree of global arrays) at `step`; True if a save started."""
     if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):

@@ -112,6 +112,20 @@ def binary_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], pads, input_
   return ops.conv2d(x, w, strides, pads)
 
 
+def quantized_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads,
+                   input_quantizer: QuantizerSpec, kernel_quantizer: QuantizerSpec,
+                   dtype) -> jax.Array:
+  """`BinaryConv`'s computation on its latent kernel (Linen and NNX alike): quantize the input
+  (before zero padding, as the authors' code) and the kernel (in the parameter dtype, so α is
+  f32), then `binary_conv` in `dtype`."""
+  in_q, k_q = quantizers.get(input_quantizer), quantizers.get(kernel_quantizer)
+  x = x.astype(dtype)
+  if in_q is not None:
+    x = in_q(x)
+  w = (k_q(kernel) if k_q is not None else kernel).astype(dtype)
+  return binary_conv(x, w, strides, pads, in_q, k_q)
+
+
 class BinaryConv(nn.Module):
   """Convolution with quantized inputs and kernel (HWIO kernel, NHWC inputs), like `nn.Conv`.
 
@@ -149,16 +163,9 @@ class BinaryConv(nn.Module):
     kernel = self.param("kernel", get_init(self.kernel_init), (*ks, in_features, self.features),
                         self.param_dtype)
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-    in_q = quantizers.get(self.input_quantizer)
-    k_q = quantizers.get(self.kernel_quantizer)
-    x = x.astype(dtype)
-    if in_q is not None:
-      x = in_q(x)
-    # Quantize in the parameter dtype (α in f32), then compute in `dtype`.
-    w = k_q(kernel) if k_q is not None else kernel
-    w = w.astype(dtype)
     pads = ops.explicit_pads(_padding(self.padding, 2), x.shape, ks, strides)
-    y = binary_conv(x, w, strides, pads, in_q, k_q)
+    y = quantized_conv(x, kernel, strides, pads, self.input_quantizer, self.kernel_quantizer,
+                       dtype)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
     return y

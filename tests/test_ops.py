@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import assert_close  # tests/numerics.py
 
 from bireal_jax import ops, quantizers
 from bireal_jax.ops import autotune, reference
@@ -31,16 +32,7 @@ def _x(*shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
-def _close(a, b, rtol=2e-5):
-  """Leafwise close relative to each leaf's scale (reordered sums round differently); leaves
-  that are zero up to cancellation noise are compared relative to 1e-2 of the largest leaf."""
-  pairs = [(np.asarray(x, np.float64), np.asarray(y, np.float64))
-           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
-  assert len(pairs) == len(jax.tree.leaves(b)) and pairs
-  floor = 1e-2 * max(np.abs(y).max() for _, y in pairs)
-  for x, y in pairs:
-    assert x.shape == y.shape
-    np.testing.assert_allclose(x, y, rtol=0, atol=rtol * max(np.abs(y).max(), floor, 1e-30))
+_close = assert_close
 
 
 def _only(op, name):

@@ -70,15 +70,9 @@ class BinaryConv(nnx.Module):
       raise ValueError(f"input has {x.shape[-1]} channels but kernel {tuple(kernel.shape)} "
                        f"expects {kernel.shape[2]}")
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-    in_q = quantizers.get(self.input_quantizer)
-    k_q = quantizers.get(self.kernel_quantizer)
-    x = x.astype(dtype)
-    if in_q is not None:
-      x = in_q(x)
-    w = k_q(kernel) if k_q is not None else kernel
-    w = w.astype(dtype)
     pads = ops.explicit_pads(self.padding, x.shape, self.kernel_size, self.strides)
-    y = _linen_layers.binary_conv(x, w, self.strides, pads, in_q, k_q)
+    y = _linen_layers.quantized_conv(x, kernel, self.strides, pads, self.input_quantizer,
+                                     self.kernel_quantizer, dtype)
     if self.use_bias:
       y = y + self.bias[...].astype(dtype)
     return y
