@@ -75,6 +75,9 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
 
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from bireal_jax.ops.cpu import xor
+
   print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
   print(f"CPU: {cpu_isa()}; {args.threads} threads (of {len(cpus)} CPUs); batch {args.batch}; "
         f"median of {args.repeats}; jax {jax.__version__}; source {args.source.name}; "
@@ -92,14 +95,7 @@ def main() -> None:
       calls[b] = target
 
   def xor_fn(target, stride, pad):
-    def f(x, w):
-      n, h, wd, _ = x.shape
-      kh, kw, _, o = w.shape
-      out = jax.ShapeDtypeStruct(
-          (n, (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1, o), jnp.float32)
-      return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-          x, w, stride=np.int64(stride), pad=np.int64(pad))
-    return jax.jit(f)
+    return jax.jit(lambda x, w: xor.xor_conv(x, w, stride, pad, target=target))
 
   def lax_fn(stride, pad):
     return jax.jit(lambda x, w: jax.lax.conv_general_dilated(

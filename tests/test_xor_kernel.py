@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from jax import lax
 
+from bireal_jax.ops.cpu import xor
+
 SOURCE = Path(__file__).resolve().parents[1] / "bireal_jax" / "ops" / "cpu" / "csrc" / "xor_conv.cc"
 BUILDS = {"native": "native", "avx2": "x86-64-v3", "scalar": "x86-64"}
 
@@ -90,12 +92,7 @@ def targets(tmp_path_factory):
 
 
 def _xor_conv(target, x, w, stride, pad):
-  n, h, wd, _ = x.shape
-  kh, kw, _, o = w.shape
-  out = jax.ShapeDtypeStruct(
-      (n, (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1, o), jnp.float32)
-  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      x, w, stride=np.int64(stride), pad=np.int64(pad))
+  return xor.xor_conv(x, w, stride, pad, target=target)
 
 
 def _run(targets, build, x, w, stride, pad):

@@ -35,10 +35,12 @@ def available() -> bool:
   return False
 
 
-def xor_conv(xq: jax.Array, wq: jax.Array, stride: int, pad: int) -> jax.Array:
+def xor_conv(xq: jax.Array, wq: jax.Array, stride: int, pad: int,
+             target: str = "bireal_xor_conv_fwd") -> jax.Array:
   """`conv(xq, wq)` for xq ∈ {±1} (NHWC f32) and an HWIO f32 kernel wq = α·sign(W) (α ≥ 0 per
   output channel), equal strides and symmetric zero padding; exact. Forward only (`ops` defines
-  the gradient); call it only when `available()`."""
+  the gradient); call it only when `available()`, or with the `target` name under which another
+  build of `csrc/xor_conv.cc` was registered (the kernel's tests and benchmark)."""
   if xq.dtype != jnp.float32 or wq.dtype != jnp.float32 or xq.ndim != 4 or wq.ndim != 4 \
      or xq.shape[3] != wq.shape[2]:
     raise ValueError(f"xor_conv expects NHWC and HWIO float32 operands with matching channels, "
@@ -48,7 +50,7 @@ def xor_conv(xq: jax.Array, wq: jax.Array, stride: int, pad: int) -> jax.Array:
   if min(oh, ow) < 1:
     raise ValueError(f"kernel {wq.shape[:2]} with padding {pad} does not fit input "
                      f"{xq.shape[1:3]}")
-  return jax.ffi.ffi_call("bireal_xor_conv_fwd",
+  return jax.ffi.ffi_call(target,
                           jax.ShapeDtypeStruct((xq.shape[0], oh, ow, wq.shape[3]), jnp.float32),
                           vmap_method="sequential")(xq, wq, stride=np.int64(stride),
                                                     pad=np.int64(pad))
