@@ -65,8 +65,10 @@ def _key(op, arrays, statics, train) -> str:
   return json.dumps([op, shapes, stat, "train" if train else "eval"], sort_keys=True)
 
 
+@functools.lru_cache(maxsize=None)
 def _machine() -> str:
-  """Everything a pick depends on besides the op: CPU, threads, ISA cap, versions, sources."""
+  """Everything a pick depends on besides the op: CPU, threads, ISA cap, versions, sources
+  (read once per process: these do not change while it runs)."""
   from bireal_jax.ops.cpu import build
   sources = b"".join(p.read_bytes() for p in sorted(build.CSRC.glob("*.cc")))
   here = Path(__file__).parent
