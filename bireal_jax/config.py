@@ -14,7 +14,10 @@ from typing import Optional
 import ml_collections
 from ml_collections import config_dict
 
-from bireal_jax import models, quantizers
+import dataclasses
+
+from bireal_jax import layers, models, quantizers
+from bireal_jax.models import bireal
 
 MODES = ("train", "eval")
 DATASETS = ("fashion_mnist", "imagenet2012", "synthetic")  # synthetic: no files, for smoke tests
@@ -25,9 +28,32 @@ MAPPINGS = ("pmap", "shard_map")
 DTYPES = ("float32", "bfloat16")
 DISTRIBUTED = ("auto", "on", "off")
 WEIGHT_DECAY_ON = ("kernels", "all")
-STEMS = ("imagenet", "small")
-SHORTCUTS = ("bireal", "resnet", "none")
-KERNEL_INITS = ("official", "torch_default", "lecun_normal", "glorot_normal", "he_normal")
+STEMS = bireal.STEMS
+SHORTCUTS = bireal.SHORTCUTS
+PADDINGS = bireal.PADDINGS
+KERNEL_INITS = tuple(layers.KERNEL_INITS)
+
+# The model keys are `BiRealNet`'s own fields, with its defaults: a field added to the model is
+# a config key (and a command-line flag) without being listed here. None = the named model's
+# own value (bireal18 and bireal18_real differ in activation and kernel quantizer).
+_MODEL_FIELDS_SET_ELSEWHERE = ("num_classes", "axis_name", "param_dtype", "parent", "name",
+                               "block")  # from the data, the mapping, or the model's name
+_MODEL_NONE_DEFAULT = ("stage_sizes", "activation", "kernel_quantizer")
+
+
+def _model_fields() -> dict:
+  """{field: default} of the `BiRealNet` fields a config sets."""
+  out = {}
+  for f in dataclasses.fields(bireal.BiRealNet):
+    if f.name in _MODEL_FIELDS_SET_ELSEWHERE:
+      continue
+    if f.name in _MODEL_NONE_DEFAULT or f.default is dataclasses.MISSING:
+      out[f.name] = None
+    elif f.name == "dtype":
+      out[f.name] = "float32"  # a name on the command line; parameters stay float32
+    else:
+      out[f.name] = f.default
+  return out
 
 
 class ConfigError(ValueError):
@@ -51,18 +77,16 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.augment = "crop_flip"
   c.prefetch = 2  # batches tf.data prepares ahead (-1: AUTOTUNE), and kept ahead on devices
 
-  # Model: bireal_jax.models.get(model, **overrides). None = the named model's own default.
+  # Model: bireal_jax.models.get(model, **overrides), the overrides being every `BiRealNet` field
+  # (`_model_fields`): stage_sizes (None: the model's own), base_width (stem width; stages double
+  # it), stem ("imagenet" | "small"), activation / kernel_quantizer (None: the model's own; e.g.
+  # "approx_sign", "hardtanh", "magnitude_aware", "official", "none"), binary_kernel_init,
+  # shortcut ("bireal" | "resnet" | "none"), bn_momentum, bn_epsilon, padding ("torch" | "same"),
+  # dtype (compute dtype; parameters and optimizer state stay float32).
   c.model = "bireal18"
-  c.stage_sizes = config_dict.placeholder(tuple)  # blocks per stage; None: the model's own
-  c.base_width = 64
-  c.stem = "imagenet"
-  c.activation = config_dict.placeholder(str)  # e.g. "approx_sign", "ste_sign", "hardtanh"
-  c.kernel_quantizer = config_dict.placeholder(str)  # e.g. "magnitude_aware", "official", "none"
-  c.binary_kernel_init = "official"
-  c.shortcut = "bireal"
-  c.bn_momentum = 0.9
-  c.bn_epsilon = 1e-5
-  c.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
+  for key, default in _model_fields().items():
+    c[key] = (config_dict.placeholder(tuple if key == "stage_sizes" else str)
+              if default is None else default)
 
   # Optimisation. `step` counts optimizer updates of `batch_size` images.
   c.optimizer = "adam"
@@ -183,6 +207,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: Optional[int] =
   _choice(c, "stem", STEMS)
   _choice(c, "shortcut", SHORTCUTS)
   _choice(c, "binary_kernel_init", KERNEL_INITS)
+  _choice(c, "padding", PADDINGS)
   valid_q = quantizers.names() + ["none"]
   for key in ("activation", "kernel_quantizer"):
     if c[key] is not None and c[key] not in valid_q:
@@ -260,15 +285,16 @@ def validate(config: ml_collections.ConfigDict, *, device_count: Optional[int] =
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
-  """Keyword arguments for `models.get(config.model, ...)` (num_classes added by the caller)."""
-  kw = dict(base_width=config.base_width, stem=config.stem,
-            binary_kernel_init=config.binary_kernel_init, shortcut=config.shortcut,
-            bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon, dtype=config.dtype)
-  if config.stage_sizes is not None:
-    kw["stage_sizes"] = tuple(config.stage_sizes)
-  if config.activation is not None:
-    kw["activation"] = config.activation
-  if config.kernel_quantizer is not None:
-    kw["kernel_quantizer"] = (None if config.kernel_quantizer == "none"
-                              else config.kernel_quantizer)
+  """Keyword arguments for `models.get(config.model, ...)` (num_classes added by the caller):
+  every model key that is not None; "none" as a quantizer means real-valued (None)."""
+  kw = {}
+  for key in _model_fields():
+    value = config[key]
+    if value is None:
+      continue
+    if key == "stage_sizes":
+      value = tuple(value)
+    elif key in ("activation", "kernel_quantizer") and value == "none":
+      value = None
+    kw[key] = value
   return kw

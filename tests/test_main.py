@@ -92,6 +92,29 @@ def assert_trees(a, b, exact=True):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_every_model_field_is_a_config_key_that_reaches_the_model():
+  """The model keys are BiRealNet's fields: each one set in the config arrives in the model."""
+  import dataclasses
+  from bireal_jax import train
+  from bireal_jax.models.bireal import BiRealNet
+  c = config_lib.get_default_config()
+  fields = {f.name for f in dataclasses.fields(BiRealNet)} - {
+      "num_classes", "axis_name", "param_dtype", "parent", "name", "block"}
+  assert fields <= set(c.keys())
+  with c.unlocked():
+    c.padding, c.stem, c.base_width, c.stage_sizes = "same", "small", 8, (1, 1)
+    c.kernel_quantizer, c.bn_epsilon = "none", 1e-3
+  config_lib.validate(c)
+  model = train.create_model(c, num_classes=10)
+  assert (model.padding, model.stem, model.base_width, model.stage_sizes) == (
+      "same", "small", 8, (1, 1))
+  assert model.kernel_quantizer is None and model.bn_epsilon == 1e-3
+  with c.unlocked():
+    c.padding = "valid"
+  with pytest.raises(config_lib.ConfigError, match=r"config.padding='valid' is invalid"):
+    config_lib.validate(c)
+
+
 def test_validate_names_key_value_and_expectation():
   cases = [("batch_size", 0, "config.batch_size=0 is invalid: expected a positive integer"),
            ("model", "bireal19", "config.model='bireal19' is invalid: expected one of"),

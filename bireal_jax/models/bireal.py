@@ -22,6 +22,7 @@ from bireal_jax.models import plan
 from bireal_jax.layers import (BiRealBlock, BiRealBottleneck, Downsample, QuantizerSpec,
                                torch_default_init)
 
+STEMS = ("imagenet", "small")
 SHORTCUTS = ("bireal", "resnet", "none")
 PADDINGS = ("torch", "same")
 
@@ -66,8 +67,8 @@ class BiRealNet(nn.Module):
   def _check(self, x):
     if self.block not in ("basic", "bottleneck"):
       raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
-    if self.stem not in ("imagenet", "small"):
-      raise ValueError(f"stem must be 'imagenet' or 'small', got {self.stem!r}")
+    if self.stem not in STEMS:
+      raise ValueError(f"stem must be {' or '.join(map(repr, STEMS))}, got {self.stem!r}")
     if self.padding not in PADDINGS:
       raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
     if self.shortcut not in SHORTCUTS:
