@@ -10,23 +10,11 @@ so each binary conv + BN becomes one per-channel affine on the integer `D`. Real
 downsample, the first Bi-Real-50 1×1 conv) keep their float32 kernel with their BN folded into an
 affine `(s, b)` with `α = 1`; the classifier stays float32.
 
-Bit format. ±1 values are packed along the input-channel axis into uint32 words: channel `c` is
-bit `c % 32` of word `c // 32`, and the bit is 1 for −1 and 0 for +1 (the IEEE sign bit; `sign(0) =
-+1` packs to 0, as `quantizers.binary_sign`). Unused tail bits are 0. Kernels are stored as
-`bits[kh, kw, ceil(C/32), O]` (output channel minor, so the popcount loop vectorises over O).
+Bit format and the exact binary convolution `D = kh·kw·C − 2·Σ popcount(x̂ XOR ŵ) − border
+correction`: `bireal_jax/ops/bits.py` (shared with the training forward). Kernels are stored as
+`bits[kh, kw, ceil(C/32), O]`.
 
-Exact binary convolution. For ±1 vectors `a, w` of length K, `a·w = K − 2·popcount(a XOR w)`.
-The float model pads the *signed* input with zeros, so taps on the padding contribute 0. Here the
-packed input is padded with 0 words (+1), which adds `Σ_{taps t in padding} Σ_c ŵ[t, c, o]`; that
-sum depends only on the output position's border class and on the kernel, so it is subtracted:
-
-    D[p, o] = kh·kw·C − 2·Σ_words popcount(x̂ XOR ŵ) − Σ_{t ∈ pad(p)} S[t, o],
-    S[t, o] = Σ_c ŵ[t, c, o] = C − 2·popcount(bits[t, :, o]).
-
-Zero tail bits match on both sides, so channel counts that are not multiples of 32 need no
-further term. Odd spatial sizes and stride 2 only change which taps fall on the padding.
-
-Three interchangeable implementations of `D` (all exact integers, so all give the same logits):
+Four interchangeable implementations of `D` (all exact integers, so all give the same logits):
   * "xor"   — the formula above with `lax.population_count` on uint32 words;
   * "xor_cpp" — the same sums by the C++ kernel of the training forward (`ops/cpu/xor.py`:
               AVX-512 VPOPCNTDQ or AVX2 nibble-table popcount), on the ±1 kernel (α = 1);

@@ -146,10 +146,10 @@ def _program(op, name, statics, train: bool) -> Callable:
 
   def fwd_bwd(*a):
     out, vjp = jax.vjp(f, *a)
-    first = out[0] if isinstance(out, tuple) else out
-    cts = jax.tree.map(jnp.zeros_like, out)
-    cts = (first * 0 + 1.0,) + tuple(cts[1:]) if isinstance(out, tuple) else first * 0 + 1.0
-    return first, vjp(cts)
+    if not isinstance(out, tuple):
+      return out, vjp(jnp.ones_like(out))
+    # BatchNorm's (y, mean, var): only y gets a gradient in training (the statistics are stopped).
+    return out[0], vjp((jnp.ones_like(out[0]), *map(jnp.zeros_like, out[1:])))
   return fwd_bwd
 
 
@@ -178,12 +178,21 @@ def _time(op, names, arrays, statics, train) -> dict:
   return best
 
 
-def _pick(op, arrays, statics, train: bool) -> str:
-  names = _ops.applicable(op, arrays, statics)
+def _untimed(op, arrays, statics, names) -> str | None:
+  """The pick when nothing needs timing: the only candidate, or the reference below the work
+  threshold; None otherwise."""
   if len(names) == 1:
     return names[0]
   if work(op, arrays, statics) < _min_work():
     return "reference"
+  return None
+
+
+def _pick(op, arrays, statics, train: bool) -> str:
+  names = _ops.applicable(op, arrays, statics)
+  untimed = _untimed(op, arrays, statics, names)
+  if untimed is not None:
+    return untimed
   key = _key(op, arrays, statics, train)
   with _LOCK:
     if key in _MEMO:
@@ -205,10 +214,7 @@ def pick(op: str, arrays, statics) -> str:
   forward + backward picks may differ (resolved in `auto_call`'s custom VJP)."""
   if op == "binary_conv2d":  # one forward for training and inference; backward via conv2d
     return _pick(op, arrays, statics, train=False)
-  names = _ops.applicable(op, arrays, statics)
-  if len(names) == 1 or work(op, arrays, statics) < _min_work():
-    return _pick(op, arrays, statics, train=False)
-  return "auto:"
+  return _untimed(op, arrays, statics, _ops.applicable(op, arrays, statics)) or "auto:"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
