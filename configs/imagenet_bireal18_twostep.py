@@ -9,19 +9,14 @@ Run the clip twin first, then point init_from at its workdir:
   python -m bireal_jax.main --config=configs/imagenet_bireal18_twostep.py \\
       --workdir=runs/r18_twostep --config.init_from=runs/r18_clip
 """
-from bireal_jax.config import get_default_config
+from bireal_jax import config as config_lib
 
 IMAGENET_TRAIN = 1_281_167
 
 
 def get_config():
-  c = get_default_config()
-  c.dataset = "imagenet2012"
-  c.image_size = 224
-  c.eval_split = "validation"
-  c.model = "bireal18"
-  c.stem = "imagenet"
-  c.base_width = 64
+  # Bi-Real-18 on ImageNet (data, model), then the Caffe recipe's optimisation.
+  c = config_lib.from_file("imagenet_bireal18.py", relative_to=__file__)
   c.init_from = "runs/imagenet_bireal18_real_clip"
 
   c.optimizer = "sgd"
