@@ -358,7 +358,8 @@ def _fmnist_eval(config, batch_size, split, pidx, pcount):
   images, labels = arrays[name]
   a, b = shard_range(start, end, pidx, pcount, drop_remainder=False)
   size = _image_size(config)
-  # Padded in numpy, then preprocessed a whole batch at a time (per-example maps are ~50x slower).
+  # Padded in numpy, then preprocessed a whole batch at a time: per-example maps are far slower
+  # (docs/training.md, "Why the code is as it is").
   total = _eval_batches(end - start, pcount, batch_size) * batch_size
   mask = np.zeros(total, np.float32)
   mask[:b - a] = 1.0

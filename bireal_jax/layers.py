@@ -204,8 +204,8 @@ class BatchNorm(nn.BatchNorm):
 def _avg_pool(x: jax.Array, s: int) -> jax.Array:
   """s×s average pool, stride s. On even sizes this is PyTorch's `AvgPool2d(s, s)`; on odd sizes
   the edge window is averaged over its valid pixels, so it matches a stride-s conv's output size."""
-  # A strided-slice version measured 3% slower in the CPU train step (it fuses worse than
-  # reduce_window here, unlike the stem max-pool), so this one stays as it is.
+  # Stays a reduce_window: a strided-slice version fused worse here than reduce_window, unlike
+  # the stem max-pool, and slowed the CPU train step (docs/speed.md, "Fixed choices").
   return nn.avg_pool(x, (s, s), (s, s), padding="SAME", count_include_pad=False)
 
 

@@ -3,8 +3,8 @@
 Source: the official Bi-Real PyTorch recipe (Adam, weight decay 0, label smoothing 0.1,
 learning rate decayed linearly to 0), scaled down for a 2-core CPU: small-image stem (3×3/1,
 no max-pool), base width 16 (stages 16/32/64/128), batch 128, 10 epochs, no augmentation
-(crop+flip cost accuracy at this short horizon: 89.1 vs 90.7 % after 5 of 8 epochs).
-Measured: see the README (8 epochs without label smoothing gave 91.9 %).
+(crop+flip cost accuracy at this short horizon: docs/training.md, "Why the code is as it is").
+Measured: docs/reproduction.md.
 """
 from bireal_jax.config import get_default_config
 

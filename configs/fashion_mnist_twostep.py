@@ -5,8 +5,8 @@ real-valued clip twin (params and BN statistics), then fine-tune it binary; opti
 schedule and label smoothing are the official PyTorch recipe's as in the demo
 (configs/fashion_mnist.py), with half the demo's learning rate since training starts from a
 trained net. No augmentation. 10 + 10 epochs at width 32; chosen by experiments/fm_sweep.py
-(README: recipe sweep). Measured: 93.65 % on an H200, 93.48 % on the 2-core CPU (twice), just
-short of the 93.5 % target there. Train the twin first:
+as the cheapest of the width-32 recipes on a CPU (docs/reproduction.md: recipe sweep). It falls
+just short of the 93.5 % target on the CPU (measured: docs/reproduction.md). Train the twin first:
 
   python -m bireal_jax.main --config=configs/fashion_mnist_real_wide.py --workdir=runs/fm_real_wide
   python -m bireal_jax.main --config=configs/fashion_mnist_twostep.py --workdir=runs/fm_twostep

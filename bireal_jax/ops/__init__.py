@@ -319,10 +319,10 @@ def choices() -> dict:
 def compiler_options(train: bool = True) -> dict:
   """XLA options for a jitted Bi-Real *training* step on the CPU (`{}` elsewhere or for eval).
 
-  jaxlib 0.10 sends f32 convolutions to YNNPACK, whose weight-gradient convolutions ran at ~1/3
-  of the matmul rate on the CPUs measured; these options keep dots and reductions on YNNPACK and
-  give convolutions to Eigen. `auto` times its training candidates with the same options. Pass
-  them as `jax.jit(step).lower(...).compile(compiler_options=ops.compiler_options())`.
+  jaxlib 0.10 sends f32 convolutions to YNNPACK, whose weight-gradient convolutions ran far
+  below the matmul rate (docs/speed.md, "Fixed choices"); these options keep dots and reductions
+  on YNNPACK and give convolutions to Eigen. `auto` times its training candidates with the same
+  options. Pass them as `jax.jit(step).lower(...).compile(compiler_options=ops.compiler_options())`.
   """
   if not train or jax.default_backend() != "cpu":
     return {}

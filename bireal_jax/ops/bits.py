@@ -54,8 +54,8 @@ def pack_bits(bits: jax.Array) -> jax.Array:
     bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, nw * WORD_BITS - n)])
   b = bits.reshape(*bits.shape[:-1], nw, *_PACK_LEVELS).astype(jnp.uint32)
   # Bits are disjoint, so sums are bitwise ORs; a reduce fuses better than 32 ORs on CPU, and
-  # two levels (4 bits into a nibble, then 8 nibbles into a word) ran up to 2× faster than one
-  # 32-long reduce on XLA CPU (same bits).
+  # two levels (4 bits into a nibble, then 8 nibbles into a word) ran faster than one 32-long
+  # reduce on XLA:CPU (same bits; docs/speed.md, "Fixed choices").
   width = 1
   for k in reversed(_PACK_LEVELS):
     b = jnp.sum(b << (width * np.arange(k, dtype=np.uint32)), axis=-1, dtype=jnp.uint32)
@@ -139,9 +139,9 @@ def word_group(num_words_k: int, out_channels: int, backend: Optional[str] = Non
   """Words per step of the XOR/popcount sum (a divisor of the reduction length `Kw`).
 
   CPU: the largest divisor `g ≥ 16` whose kernel slab `g·O·4` bytes fits a 32 KiB L1 cache
-  (measured on AVX-512: with < 16 words per step LLVM left the popcount loop scalar, and
-  slabs far beyond L1 ran up to 10× slower); `Kw` when no divisor qualifies. Other backends: `Kw`
-  (one fusion; not tuned, no accelerator here).
+  (with < 16 words per step LLVM left the popcount loop scalar, and slabs far beyond L1 ran
+  much slower: docs/speed.md, "Fixed choices"); `Kw` when no divisor qualifies. Other backends:
+  `Kw` (one fusion; not tuned, no accelerator here).
   """
   kw = num_words_k
   if (backend or jax.default_backend()) != "cpu":

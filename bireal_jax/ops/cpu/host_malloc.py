@@ -3,8 +3,8 @@
 XLA:CPU allocates a step's buffers (activations, gradients, temporaries: about 0.7 GB for
 Bi-Real-18 at batch 32) at every call and frees them when it returns. glibc hands such large
 blocks back to the kernel (mmap'd chunks, trimmed heap tops, per-thread arenas), so the next step
-faults them in again, zero-filled: ~180 k page faults and ~0.3 CPU-seconds of kernel time per
-step on a 2-core machine. `keep_freed_memory()` tells glibc to serve everything from one heap
+faults them in again, zero-filled, in kernel time at every step (figures: docs/speed.md, "Host
+memory"). `keep_freed_memory()` tells glibc to serve everything from one heap
 and never return it (`mallopt`: one arena, no mmap, no trimming), so every step reuses the last
 one's pages. The price: the process holds its peak memory until it exits.
 

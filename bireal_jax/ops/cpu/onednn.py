@@ -102,9 +102,10 @@ def _conv_bwd(strides, pads, res, dy):
                   (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
   if (strides == (1, 1) and min(min(p) for p in flipped_pads) >= 0
       and x.shape[1] * x.shape[2] >= 28 * 28):
-    # Stride 1: the input gradient is a forward conv of dy with the flipped, I/O-swapped kernel;
-    # oneDNN 2.6's forward kernels beat its backward-data ones at large images (56x56x64: 15 vs
-    # 21 ms), while at 7x7x512 the kernel transpose costs more than it saves.
+    # Stride 1 on images of at least 28×28: the input gradient as a forward conv of dy with the
+    # flipped, I/O-swapped kernel, because oneDNN 2.6's forward kernels outran its backward-data
+    # ones there (on small images the transpose costs more than it saves). A fixed rule from one
+    # AVX-512 machine's timings, not re-timed per CPU: docs/speed.md, "Fixed choices".
     k_t = jnp.flip(k, (0, 1)).swapaxes(2, 3)
     dx = _call("fwd", x.shape, dy, k_t, strides=strides, pads=flipped_pads)
   else:
