@@ -123,7 +123,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.init_from = config_dict.placeholder(str)  # workdir (or checkpoint dir) of the clip run
   c.bn_reestimate_steps = 0  # train-mode passes with ±1 weights updating only BN statistics
 
-  # Knowledge distillation (bireal_jax/train.py: distillation_loss): a trained teacher run's
+  # Knowledge distillation (bireal_jax/train/distill.py: distillation_loss): a trained teacher run's
   # soft labels. Loss = (1 - w)·CE(smoothed labels) + w·T²·KL(teacher_T ‖ student_T).
   c.distill_from = config_dict.placeholder(str)  # teacher workdir (e.g. the real clip twin)
   c.distill_weight = 1.0  # w in [0, 1]; 1: soft labels only (ReActNet's distributional loss)

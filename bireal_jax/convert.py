@@ -13,7 +13,7 @@ Importing this module imports neither torch nor TensorFlow: torch is imported on
 Command line:
   python -m bireal_jax.convert --from pytorch --input model_best.pth.tar --output DIR
   python -m bireal_jax.convert --from larq --input birealnet_weights.h5 --output DIR
-writes DIR/variables.msgpack and DIR/model.json, read back by `load(DIR)`.
+writes DIR as a float export (`bireal_jax.deploy`), read back by `deploy.load(DIR)`.
 """
 from __future__ import annotations
 
@@ -432,37 +432,23 @@ def load_larq(path: Union[str, os.PathLike], model: Optional[str] = None) -> Con
 # ---------------------------------------------------------------------------------------------
 
 
-def save(converted: Converted, out_dir: Union[str, os.PathLike]) -> list:
-  """Write `variables.msgpack` (flax.serialization) and `model.json`; returns the paths."""
-  from flax import serialization
+def save(converted: Converted, out_dir: Union[str, os.PathLike]) -> str:
+  """Write `converted` as a float export (`bireal_jax.deploy` format) to `out_dir`, replacing
+  one already there; `deploy.load(out_dir)` reads it back. Returns the directory."""
+  from bireal_jax import deploy
 
-  os.makedirs(out_dir, exist_ok=True)
-  var_path = os.path.join(out_dir, "variables.msgpack")
-  cfg_path = os.path.join(out_dir, "model.json")
-  with open(var_path, "wb") as f:
-    f.write(serialization.msgpack_serialize(converted.variables))
-  with open(cfg_path, "w") as f:
-    json.dump(dict(name=converted.name, overrides=converted.overrides, source=converted.source,
-                   model=models.to_config(converted.model())), f, indent=1, sort_keys=True)
-  return [var_path, cfg_path]
-
-
-def load(out_dir: Union[str, os.PathLike]):
-  """`(model, variables)` from a directory written by `save` / the command line."""
-  from flax import serialization
-
-  with open(os.path.join(out_dir, "model.json")) as f:
-    cfg = json.load(f)
-  with open(os.path.join(out_dir, "variables.msgpack"), "rb") as f:
-    variables = serialization.msgpack_restore(f.read())
-  return models.from_config(cfg["model"]), variables
+  source = {"kind": "converted", "from": converted.source, "name": converted.name,
+            "overrides": converted.overrides}
+  return deploy.save(out_dir, converted.model(), converted.variables, source=source,
+                     overwrite=True)
 
 
 def main(argv: Optional[list] = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m bireal_jax.convert",
       description="Convert Bi-Real Net weights (authors' PyTorch checkpoints or larq-zoo .h5) "
-                  "to bireal_jax variables (DIR/variables.msgpack + DIR/model.json).")
+                  "to a bireal_jax float export (DIR/model.json + DIR/variables/), read by "
+                  "bireal_jax.deploy.load(DIR).")
   p.add_argument("--from", dest="source", required=True, choices=("pytorch", "larq"))
   p.add_argument("--model", choices=sorted(ARCHS), default=None,
                  help="checked against the weights; inferred when omitted")
@@ -479,10 +465,9 @@ def main(argv: Optional[list] = None) -> int:
   except (ConversionError, ImportError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  paths = save(conv, a.output)
+  path = save(conv, a.output)
   print(f"{a.source} -> {conv.name} {conv.overrides}: {n_params(conv.variables):,} parameters")
-  for path in paths:
-    print(f"wrote {path}")
+  print(f"wrote {path}")
   return 0
 
 

@@ -14,11 +14,11 @@ packed XOR/popcount. Prints versions, machine and load.
 
 Variants: "float_model" (the Flax BiRealNet, float emulation of ±1), "float_model/mbM" (the same
 run M images at a time with lax.map), and "IMPL[/mbM][/smbJ][/sK]" for the packed model's public
-call (`PackedModel.__call__`) with impl in packed.IMPLS, micro-batch M for the stem and J for the
-stages, K concurrent streams (defaults: packed.default_micro_batch(),
-packed.default_stage_micro_batch(), packed.default_streams()); "IMPL/mbM/vwN" or
-"IMPL/mball" jit `packed.forward` directly in one stream, with XLA's CPU vector width N bits
-(default packed.compiler_options(), i.e. 512) or the whole batch at once.
+call (`PackedModel.__call__`) with impl in deploy.IMPLS, micro-batch M for the stem and J for the
+stages, K concurrent streams (defaults: deploy.default_micro_batch(),
+deploy.default_stage_micro_batch(), deploy.default_streams()); "IMPL/mbM/vwN" or
+"IMPL/mball" jit `deploy.forward` directly in one stream, with XLA's CPU vector width N bits
+(default deploy.compiler_options(), i.e. 512) or the whole batch at once.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bireal_jax import models, packed
+from bireal_jax import deploy, models
 
 
 def random_variables(model, size, seed=0):
@@ -83,9 +83,9 @@ def main():
 
   model = models.get(args.model)
   variables = random_variables(model, args.size)
-  pm = packed.pack(model, variables)
+  pm = deploy.pack(model, variables)
   print(f"{args.model} {args.size}²: packed payload {pm.num_bytes():,} bytes; defaults impl="
-        f"{packed.default_impl()!r} micro_batch={packed.default_micro_batch()}")
+        f"{deploy.default_impl()!r} micro_batch={deploy.default_micro_batch()}")
 
   def float_model(mb):
     apply = lambda xs: model.apply(variables, xs)  # noqa: E731
@@ -109,10 +109,10 @@ def main():
     elif vw or (mb is None and any(o == "mball" for o in opts)):
       # the packed forward jitted as PackedModel.__call__ does it, but with /vwN's CPU vector
       # width or the whole batch at once (/mball), in one stream
-      copts = packed.compiler_options()
+      copts = deploy.compiler_options()
       if vw and jax.default_backend() == "cpu":
         copts = dict(copts, xla_cpu_prefer_vector_width=vw)
-      fwd = jax.jit(lambda rp, x, name=name, mb=mb: packed.forward(pm.config, rp, x, name, mb),
+      fwd = jax.jit(lambda rp, x, name=name, mb=mb: deploy.forward(pm.config, rp, x, name, mb),
                     compiler_options=copts or None)
       fns[v] = functools.partial(fwd, pm.runtime_params(name))  # device arrays, as pm(x) passes
     else:  # the public call: PackedModel.__call__ (micro-batch /mbM, /sK concurrent streams)

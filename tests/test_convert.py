@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bireal_jax import convert
+from bireal_jax import convert, deploy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LARQ_PYTHON = pathlib.Path(os.environ.get("BIREAL_LARQ_PYTHON", ROOT / ".venv-larq/bin/python"))
@@ -184,7 +184,8 @@ def test_cli_pytorch_roundtrip(torch_case, tmp_path, capsys):
   assert convert.main(["--from", "pytorch", "--input", str(path), "--output",
                        str(tmp_path / "out")]) == 0
   assert "bireal18" in capsys.readouterr().out
-  model, variables = convert.load(tmp_path / "out")
+  exported = deploy.load(tmp_path / "out")
+  model, variables = exported.model, exported.variables
   _assert_close(np.asarray(model.apply(variables, jnp.asarray(x))), ref)
   # A checked depth that does not fit is an error exit naming the depth.
   assert convert.main(["--from", "pytorch", "--model", "bireal34", "--input", str(path),
@@ -240,7 +241,8 @@ def test_larq_cli_roundtrip(larq_case, tmp_path):
   out, x, ref, _ = larq_case
   assert convert.main(["--from", "larq", "--model", "bireal18", "--input",
                        str(out / "weights.h5"), "--output", str(tmp_path / "o")]) == 0
-  model, variables = convert.load(tmp_path / "o")
+  exported = deploy.load(tmp_path / "o")
+  model, variables = exported.model, exported.variables
   assert model.padding == "same" and model.bn_epsilon == 1e-3
   _assert_close(np.asarray(model.apply(variables, jnp.asarray(x))), ref)
 

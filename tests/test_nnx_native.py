@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import bireal_jax.nnx as bnnx
-from bireal_jax import convert, layers, models
+from bireal_jax import convert, deploy, layers, models
 
 TINY = dict(num_classes=4, base_width=4, stem="small")
 # (registered name, overrides). bireal18: every stage, a plain block, stride-2 blocks with their
@@ -260,9 +260,10 @@ def test_converter_output_loads_into_nnx(tmp_path):
   np.testing.assert_allclose(_nnx_forward(model, x), ref, rtol=1e-5, atol=1e-5)
   _assert_trees_close(bnnx.to_linen_variables(model), conv.variables, rtol=0, atol=0)
 
-  # The converter's output directory (model.json + variables.msgpack) -> NNX.
+  # The converter's output directory (a float export) -> NNX.
   convert.save(conv, tmp_path)
-  linen_model, variables = convert.load(tmp_path)
+  exported = deploy.load(tmp_path)
+  linen_model, variables = exported.model, exported.variables
   again = bnnx.from_linen(linen_model, variables)
   again.eval()
   np.testing.assert_allclose(_nnx_forward(again, x), ref, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Packed inference (bireal_jax.packed): bit packing, exact XOR/popcount convs, folded models, export.
+"""Packed inference (bireal_jax.deploy): bit packing, exact XOR/popcount convs, folded models, save/load.
 
 Models here are tiny (base_width 8, one or two blocks per stage) with random, trained-looking
 variables: random-sign kernels and BN statistics / scales (some negative) far from their init, so
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bireal_jax import models, packed, quantizers
+from bireal_jax import deploy, models, quantizers
+from bireal_jax.ops import bits as bitops
 
 
 def _conv_pm1(x, kernel, stride, pad):
@@ -61,9 +62,9 @@ def _model_and_vars(name, size, seed=0, **kw):
 def test_pack_bits_round_trip_and_layout(n):
   rng = np.random.default_rng(n)
   bits = rng.random((3, n)) < 0.5
-  words = np.asarray(packed.pack_bits(bits))
+  words = np.asarray(bitops.pack_bits(bits))
   assert words.dtype == np.uint32 and words.shape == (3, -(-n // 32))
-  np.testing.assert_array_equal(np.asarray(packed.unpack_bits(words, n)), bits)
+  np.testing.assert_array_equal(np.asarray(bitops.unpack_bits(words, n)), bits)
   # documented layout: element i is bit i % 32 of word i // 32, tail bits 0
   expect = np.zeros_like(words)
   for r, i in zip(*np.nonzero(bits)):
@@ -73,26 +74,26 @@ def test_pack_bits_round_trip_and_layout(n):
 
 def test_pack_signs_matches_binary_sign_including_zero():
   x = jnp.array([0.0, -0.0, -1e-30, 1e-30, -3.0, 2.0], jnp.float32)
-  bits = np.asarray(packed.unpack_bits(packed.pack_signs(x), 6))
+  bits = np.asarray(bitops.unpack_bits(bitops.pack_signs(x), 6))
   np.testing.assert_array_equal(bits, [False, False, True, False, True, False])
-  np.testing.assert_array_equal(np.asarray(packed.unpack_signs(packed.pack_signs(x), 6)),
+  np.testing.assert_array_equal(np.asarray(bitops.unpack_signs(bitops.pack_signs(x), 6)),
                                 np.asarray(quantizers.binary_sign(x)))
 
 
 def test_pack_kernel_round_trip_with_channel_padding():
   kernel = jax.random.normal(jax.random.key(0), (3, 3, 40, 24))  # 40 channels: 2 words, 24 pad
-  bits = packed.pack_kernel(kernel)
+  bits = bitops.pack_kernel(kernel)
   assert bits.shape == (3, 3, 2, 24) and bits.dtype == jnp.uint32
   assert not np.any(np.asarray(bits[:, :, 1]) >> 8)  # tail bits of the last word are 0
-  np.testing.assert_array_equal(np.asarray(packed.unpack_kernel(bits, 40)),
+  np.testing.assert_array_equal(np.asarray(bitops.unpack_kernel(bits, 40)),
                                 np.asarray(quantizers.binary_sign(kernel)))
 
 
 def test_unpack_bits_rejects_bad_input():
   with pytest.raises(TypeError, match="uint32"):
-    packed.unpack_bits(jnp.zeros((2,), jnp.int32), 3)
+    bitops.unpack_bits(jnp.zeros((2,), jnp.int32), 3)
   with pytest.raises(ValueError, match="n=65"):
-    packed.unpack_bits(jnp.zeros((2,), jnp.uint32), 65)
+    bitops.unpack_bits(jnp.zeros((2,), jnp.uint32), 65)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,18 +117,18 @@ def test_binary_convs_are_exact(h, w, cin, cout, k, stride, pad, group):
   x = x.at[:, ::3, ::2, ::5].set(0.0)  # exact zeros: sign(0) = +1 on every path
   kernel = jax.random.normal(kw_, (k, k, cin, cout))
   ref = np.asarray(_conv_pm1(x, kernel, stride, pad)).astype(np.int64)
-  bits = packed.pack_kernel(kernel)
-  d_xor = jax.jit(packed.xor_popcount_conv, static_argnums=(2, 3, 4))(x, bits, stride, pad, group)
+  bits = bitops.pack_kernel(kernel)
+  d_xor = jax.jit(bitops.xor_popcount_conv, static_argnums=(2, 3, 4))(x, bits, stride, pad, group)
   assert d_xor.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(d_xor), ref)
-  pm1 = packed.unpack_kernel(bits, cin, jnp.int8)
-  d_i8 = jax.jit(packed.int8_conv, static_argnums=(2, 3))(x, pm1, stride, pad)
+  pm1 = bitops.unpack_kernel(bits, cin, jnp.int8)
+  d_i8 = jax.jit(bitops.int8_conv, static_argnums=(2, 3))(x, pm1, stride, pad)
   assert d_i8.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(d_i8), ref)
-  np.testing.assert_array_equal(np.asarray(packed.float_conv(x, pm1.astype(jnp.float32), stride,
+  np.testing.assert_array_equal(np.asarray(bitops.float_conv(x, pm1.astype(jnp.float32), stride,
                                                              pad)), ref)
   if pad:  # the border correction is what makes the borders exact: it must be non-trivial
-    corr = np.asarray(packed.border_correction(bits, cin, h, w, stride, pad))
+    corr = np.asarray(bitops.border_correction(bits, cin, h, w, stride, pad))
     assert np.any(corr[0, :] != 0) and np.any(corr[:, 0] != 0)
     assert not np.any(corr[1:-1, 1:-1])  # interior outputs never touch the padding
 
@@ -157,26 +158,26 @@ def _border_correction_reference(bits, c, h, w, stride, pad):
     (9, 10, 3, 7, 2, 3),  # stem-like 7×7/2, pad 3
 ])
 def test_border_correction_matches_tap_by_tap_reference(h, w, c, k, stride, pad):
-  bits = packed.pack_kernel(jax.random.normal(jax.random.key(h * 7 + w), (k, k, c, 5)))
-  got = np.asarray(packed.border_correction(bits, c, h, w, stride, pad))
+  bits = bitops.pack_kernel(jax.random.normal(jax.random.key(h * 7 + w), (k, k, c, 5)))
+  got = np.asarray(bitops.border_correction(bits, c, h, w, stride, pad))
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, _border_correction_reference(bits, c, h, w, stride, pad))
 
 
 def test_xor_conv_rejects_channel_mismatch():
-  bits = packed.pack_kernel(jnp.ones((3, 3, 64, 8)))
+  bits = bitops.pack_kernel(jnp.ones((3, 3, 64, 8)))
   with pytest.raises(ValueError, match="input has 96 channels"):
-    packed.xor_popcount_conv(jnp.ones((1, 5, 5, 96)), bits, 1, 1)
+    bitops.xor_popcount_conv(jnp.ones((1, 5, 5, 96)), bits, 1, 1)
   with pytest.raises(ValueError, match="group=5"):
-    packed.xor_popcount_conv(jnp.ones((1, 5, 5, 64)), bits, 1, 1, group=5)
+    bitops.xor_popcount_conv(jnp.ones((1, 5, 5, 64)), bits, 1, 1, group=5)
 
 
 def test_word_group_fits_cache_and_divides():
   for kw, o in [(18, 64), (36, 128), (72, 256), (144, 512), (72, 512), (16, 2048)]:
-    g = packed.word_group(kw, o, backend="cpu")
+    g = bitops.word_group(kw, o, backend="cpu")
     assert kw % g == 0 and g >= 16
-  assert packed.word_group(144, 512, backend="cpu") == 16  # 16·512·4 B = 32 KiB
-  assert packed.word_group(144, 512, backend="gpu") == 144
+  assert bitops.word_group(144, 512, backend="cpu") == 16  # 16·512·4 B = 32 KiB
+  assert bitops.word_group(144, 512, backend="gpu") == 144
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +186,8 @@ def test_word_group_fits_cache_and_divides():
 
 MODEL_CASES = [
     # (name, image size, overrides, impls)
-    ("bireal18", 13, dict(stem="small", stage_sizes=(2, 1, 1, 1)), packed.IMPLS),
-    ("bireal18", 36, dict(stem="imagenet", stage_sizes=(1, 1, 1, 1)), packed.IMPLS),
+    ("bireal18", 13, dict(stem="small", stage_sizes=(2, 1, 1, 1)), deploy.IMPLS),
+    ("bireal18", 36, dict(stem="imagenet", stage_sizes=(1, 1, 1, 1)), deploy.IMPLS),
     ("bireal18", 15, dict(stem="small", stage_sizes=(2, 1, 1, 1), shortcut="resnet",
                           kernel_quantizer="sign"), ("xor",)),
     ("bireal50", 15, dict(stem="small", stage_sizes=(1, 1, 1, 1)), ("xor", "int8")),
@@ -201,7 +202,7 @@ def test_packed_model_matches_float_model(name, size, kw, impls):
   x = jax.random.normal(jax.random.key(7), (3, size, size, 3))
   ref = np.asarray(jax.jit(model.apply)(variables, x))
   assert np.ptp(ref, axis=-1).min() > 0.1 and np.ptp(ref, axis=0).max() > 0.01  # not degenerate
-  pm = packed.pack(model, variables)
+  pm = deploy.pack(model, variables)
   scale = np.abs(ref).max()
   for impl in impls:
     out = np.asarray(pm(x, impl=impl))
@@ -215,15 +216,15 @@ def test_packed_model_matches_float_model(name, size, kw, impls):
 def test_packed_model_is_a_jittable_pytree_and_uses_its_bits():
   model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))
   x = jax.random.normal(jax.random.key(3), (2, 13, 13, 3))
-  pm = packed.pack(model, variables, impl="xor")
+  pm = deploy.pack(model, variables, impl="xor")
   out = pm(x)
-  jitted = jax.jit(lambda m, x: m(x), compiler_options=packed.compiler_options() or None)
+  jitted = jax.jit(lambda m, x: m(x), compiler_options=deploy.compiler_options() or None)
   np.testing.assert_array_equal(np.asarray(jitted(pm, x)), np.asarray(out))
   # flipping the sign of one output channel's kernel in the last binary conv changes the logits
   flipped = jax.tree.map(lambda a: a, pm.params)
   flipped["layer4_0"] = dict(flipped["layer4_0"], bits=np.asarray(pm.params["layer4_0"]["bits"]) ^
                              np.uint32(0xFFFFFFFF))
-  assert not np.allclose(np.asarray(packed.PackedModel(pm.config, flipped, "xor")(x)),
+  assert not np.allclose(np.asarray(deploy.PackedModel(pm.config, flipped, "xor")(x)),
                          np.asarray(out), atol=1e-3)
 
 
@@ -231,24 +232,24 @@ def test_split_streams_cuts_at_micro_batches():
   for n in range(1, 40):
     for streams in (1, 2, 3, 8):
       for mb in (None, 1, 2, 4):
-        chunks = packed.split_streams(n, streams, mb)
+        chunks = deploy.split_streams(n, streams, mb)
         assert chunks[0][0] == 0 and chunks[-1][1] == n and len(chunks) <= streams
         assert all(a < b for a, b in chunks)
         assert all(b == c for (_, b), (c, _) in zip(chunks[:-1], chunks[1:]))  # contiguous
         assert all(a % (mb or 1) == 0 for a, _ in chunks)  # whole micro-batches per stream
         if streams > 1 and n >= 2 * (mb or 1):
           assert len(chunks) > 1
-  assert packed.split_streams(32, 2, 2) == [(0, 16), (16, 32)]
-  assert packed.split_streams(33, 2, 2) == [(0, 16), (16, 33)]
-  assert packed.default_streams("gpu") == 1
-  assert packed.default_streams("cpu") in range(1, max(1, len(os.sched_getaffinity(0))) + 1)
+  assert deploy.split_streams(32, 2, 2) == [(0, 16), (16, 32)]
+  assert deploy.split_streams(33, 2, 2) == [(0, 16), (16, 33)]
+  assert deploy.default_streams("gpu") == 1
+  assert deploy.default_streams("cpu") in range(1, max(1, len(os.sched_getaffinity(0))) + 1)
 
 
 def test_streams_give_the_same_logits_bitwise():
   """Concurrent chunks keep every image in its micro-batch: logits bitwise equal to one call."""
   model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))
   x = jax.random.normal(jax.random.key(4), (7, 13, 13, 3))
-  pm = packed.pack(model, variables, impl="xor")
+  pm = deploy.pack(model, variables, impl="xor")
   one = np.asarray(pm(x, micro_batch=2, streams=1))
   for streams in (2, 3, 8):
     np.testing.assert_array_equal(np.asarray(pm(x, micro_batch=2, streams=streams)), one)
@@ -256,7 +257,7 @@ def test_streams_give_the_same_logits_bitwise():
   np.testing.assert_allclose(one, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   # inside a user's jit the batch is one computation (no threads), same logits
   jitted = jax.jit(lambda m, x: m(x, micro_batch=2, streams=2),
-                   compiler_options=packed.compiler_options() or None)
+                   compiler_options=deploy.compiler_options() or None)
   np.testing.assert_array_equal(np.asarray(jitted(pm, x)), one)
 
 
@@ -265,14 +266,14 @@ def test_stage_micro_batches_with_remainders_match_one_batch():
   concurrent streams: the same logits as the whole batch at once and as the float model."""
   model, variables = _model_and_vars("bireal18", 36, stem="imagenet", stage_sizes=(1, 1, 1, 1))
   x = jax.random.normal(jax.random.key(9), (7, 36, 36, 3))
-  pm = packed.pack(model, variables, impl="xor")
+  pm = deploy.pack(model, variables, impl="xor")
   rp = pm.runtime_params("xor")
-  whole = np.asarray(packed.forward(pm.config, rp, x, "xor"))
+  whole = np.asarray(deploy.forward(pm.config, rp, x, "xor"))
   ref = np.asarray(jax.jit(model.apply)(variables, x))
   atol = 2e-5 * np.abs(ref).max()
   np.testing.assert_allclose(whole, ref, rtol=0, atol=atol)
   for mb, smb in [(2, 3), (3, 2), (None, 4), (2, None)]:
-    out = np.asarray(jax.jit(lambda rp, x, mb=mb, smb=smb: packed.forward(
+    out = np.asarray(jax.jit(lambda rp, x, mb=mb, smb=smb: deploy.forward(
         pm.config, rp, x, "xor", mb, smb))(rp, x))
     np.testing.assert_allclose(out, whole, rtol=0, atol=atol, err_msg=f"{mb}, {smb}")
     np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
@@ -280,13 +281,13 @@ def test_stage_micro_batches_with_remainders_match_one_batch():
   np.testing.assert_array_equal(np.asarray(pm(x, micro_batch=2, stage_micro_batch=3, streams=2)),
                                 one)  # streams cut at multiples of lcm(2, 3) = 6
   with pytest.raises(ValueError, match="stage_micro_batch must be a positive int"):
-    packed.forward(pm.config, rp, x, "xor", 2, 0)
+    deploy.forward(pm.config, rp, x, "xor", 2, 0)
 
 
 def test_folded_affine_formula():
   """s = γ·α/√(σ²+ε), b = β − μ·γ/√(σ²+ε) for one binary conv of a packed model."""
   model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))
-  pm = packed.pack(model, variables)
+  pm = deploy.pack(model, variables)
   p, s = variables["params"]["layer2_0"], variables["batch_stats"]["layer2_0"]
   k = np.asarray(p["binary_conv"]["kernel"], np.float64)
   alpha = np.abs(k).mean(axis=(0, 1, 2))
@@ -302,10 +303,10 @@ def test_pack_rejects_non_binary_models():
                           ("bireal18", dict(kernel_quantizer=None), "kernel_quantizer=None")]:
     model, variables = _model_and_vars(name, 13, stem="small", stage_sizes=(1, 1, 1, 1), **kw)
     with pytest.raises(ValueError, match=match):
-      packed.pack(model, variables)
+      deploy.pack(model, variables)
   model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))
   with pytest.raises(ValueError, match="'params' and 'batch_stats'"):
-    packed.pack(model, variables["params"])
+    deploy.pack(model, variables["params"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,26 +315,33 @@ def test_pack_rejects_non_binary_models():
 
 _LOAD_SCRIPT = """
 import sys, numpy as np
-from bireal_jax import packed
-m = packed.load(sys.argv[1])
+from bireal_jax import deploy
+m = deploy.load(sys.argv[1])
+assert m.kind == "packed", m
 np.save(sys.argv[3], np.asarray(m(np.load(sys.argv[2]))))
 bad = sorted(k for k in sys.modules if k.split(".")[0] in ("tensorflow", "optax", "torch"))
 assert not bad, bad
 """
 
 
-def test_export_then_load_in_a_separate_process(tmp_path):
+def test_packed_save_then_load_in_a_separate_process(tmp_path):
   model, variables = _model_and_vars("bireal18", 15, stem="small", stage_sizes=(1, 1, 1, 1))
   x = np.asarray(jax.random.normal(jax.random.key(5), (2, 15, 15, 3)))
   path = tmp_path / "packed"
-  pm = packed.export(path, model, variables)
-  assert sorted(os.listdir(path)) == ["config.json", "packed.json", "params"]
-  with open(path / "config.json") as f:
-    assert models.from_config(json.load(f)) == model
+  pm = deploy.pack(model, variables)
+  deploy.save(path, pm)
+  assert sorted(os.listdir(path)) == ["model.json", "variables"]
+  with open(path / "model.json") as f:
+    meta = json.load(f)
+  assert meta["kind"] == "packed" and meta["packing"]["word_bits"] == 32
+  assert models.from_config(meta["model"]) == model.clone(axis_name=None)
   with pytest.raises(FileExistsError, match="already exists"):
-    packed.export(path, model, variables)
+    deploy.save(path, pm)
   expected = np.asarray(pm(x))
-  np.testing.assert_array_equal(np.asarray(packed.load(path)(x)), expected)
+  np.testing.assert_array_equal(np.asarray(deploy.load(path)(x)), expected)
+  # Packing on the way (kind="packed" from the float model) writes the same model.
+  deploy.save(path, model, variables, kind="packed", overwrite=True)
+  np.testing.assert_array_equal(np.asarray(deploy.load(path).packed()(x)), expected)
   np.save(tmp_path / "x.npy", x)
   subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path), str(tmp_path / "x.npy"),
                   str(tmp_path / "y.npy")], check=True, timeout=300,
@@ -341,26 +349,18 @@ def test_export_then_load_in_a_separate_process(tmp_path):
   np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
 
 
-def test_load_rejects_other_directories(tmp_path):
-  with pytest.raises(FileNotFoundError, match="not a packed export"):
-    packed.load(tmp_path)
-  (tmp_path / "packed.json").write_text(json.dumps({"format": "other", "version": 1}))
-  (tmp_path / "config.json").write_text("{}")
-  with pytest.raises(ValueError, match="format 'other'"):
-    packed.load(tmp_path)
-
-
 def test_bireal18_packed_export_fits_4_2_mb(tmp_path):
   """Full-size Bi-Real-18 (random-sign kernels, so the bits do not compress) takes ≤ 4.2 MB."""
   model = models.get("bireal18")
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
   variables = _trained_looking(shapes, seed=1)
-  pm = packed.export(tmp_path / "b18", model, variables)
-  bits = sum(np.asarray(l).size * 32 for p, l in jax.tree_util.tree_leaves_with_path(pm.params)
+  pm = deploy.pack(model, variables)
+  deploy.save(tmp_path / "b18", pm)
+  n_bits = sum(np.asarray(l).size * 32 for p, l in jax.tree_util.tree_leaves_with_path(pm.params)
              if "bits" in jax.tree_util.keystr(p))
-  assert bits == 10_985_472  # binary 3×3 weights of Bi-Real-18, 1 bit each, no padding words
+  assert n_bits == 10_985_472  # binary 3×3 weights of Bi-Real-18, 1 bit each, no padding words
   # 1 bit per binary weight + 32 bits per real parameter (stem, downsample, fc, folded affines)
   assert pm.num_bytes() == 10_985_472 // 8 + 4 * (9408 + 172032 + 513000 + 2 * 4800)
-  size = packed.directory_bytes(tmp_path / "b18")
+  size = deploy.directory_bytes(tmp_path / "b18")
   print(f"packed Bi-Real-18 on disk: {size:,} bytes (payload {pm.num_bytes():,})")
   assert size <= 4_200_000

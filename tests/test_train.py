@@ -286,7 +286,9 @@ def test_train_and_evaluate_learns_and_logs(tmp_path):
   assert {"train/loss", "train/top1", "train/learning_rate", "train/images_per_sec",
           "eval/top1", "eval/top5"} <= tags
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [10, 20, 24]
-  assert (tmp_path / "inference" / "model.json").exists()
+  from bireal_jax import deploy
+  exported = deploy.load(tmp_path / "inference")
+  assert exported.kind == "float" and exported.source["step"] == 24
   recorded = json.loads((tmp_path / "config.json").read_text())
   assert recorded["identity"]["image_shape"] == [8, 8, 3]
   # A second call finds the finished run and only evaluates it again.

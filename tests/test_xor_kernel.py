@@ -3,7 +3,7 @@ call) built three ways, each loaded here under its own FFI target: `-march=nativ
 VPOPCNTDQ where the CPU has it), `-march=x86-64-v3` (the AVX2 path) and `-march=x86-64` (the
 scalar fallback). Each must equal XLA's f32 convolution of the same operands bit for bit (α a
 multiple of 1/8 makes every partial sum exact), and for any α the exact integer sums times α
-(so the builds agree), as its pure-JAX twin `packed.xor_popcount_conv` computes them."""
+(so the builds agree), as its pure-JAX twin `ops.bits.xor_popcount_conv` computes them."""
 import ctypes
 import os
 import platform
@@ -142,13 +142,13 @@ def test_builds_agree_for_any_alpha(targets, x_shape, k_shape, stride, pad):
 
 
 def test_equals_the_jax_twin(targets):
-  """`packed.xor_popcount_conv` (pure JAX, packing its own words) × α, for one odd shape."""
-  from bireal_jax import packed
+  """`ops.bits.xor_popcount_conv` (pure JAX, packing its own words) × α, for one odd shape."""
+  from bireal_jax.ops import bits
   x_shape, k_shape, stride, pad = (2, 9, 8, 70), (3, 3, 70, 36), 2, 1
   x, signs = _operands(x_shape, k_shape, seed=3)
   w = jnp.asarray((signs * np.random.default_rng(4).uniform(0.1, 1.0, k_shape[3]))
                   .astype(np.float32))
-  twin = np.asarray(packed.xor_popcount_conv(jnp.asarray(x), packed.pack_kernel(w), stride, pad)
+  twin = np.asarray(bits.xor_popcount_conv(jnp.asarray(x), bits.pack_kernel(w), stride, pad)
                     .astype(jnp.float32) * jnp.max(jnp.abs(w), axis=(0, 1, 2)))
   for build in _builds_run(targets):
     np.testing.assert_array_equal(_run(targets, build, x, w, stride, pad), twin,

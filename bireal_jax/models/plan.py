@@ -1,5 +1,5 @@
 """The stage plan: which units a Bi-Real net has, with their names, widths, strides and
-shortcuts. The Linen model (`bireal.BiRealNet`) and the packed forward (`bireal_jax.packed`) both
+shortcuts. The Linen model (`bireal.BiRealNet`) and the packed forward (`bireal_jax.deploy`) both
 walk this one list, so a change of wiring is made once.
 
 Basic nets (Bi-Real-18/34): stage `s` has width `base_width·2^s`; its first unit has stride 2

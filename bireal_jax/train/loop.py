@@ -240,11 +240,13 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
        f"{int(ev['count'])} images): top-1 {100 * ev['top1']:.2f}%, "
        f"top-5 {100 * ev['top5']:.2f}%, loss {ev['loss']:.4f}")
   if config.export_inference:
-    from bireal_jax import export
+    from bireal_jax import deploy
     ckpts.wait()
     host = mapping.to_host(pstate)
-    export.save_inference(os.path.join(s.workdir, "inference"), s.model,
-                          {"params": host.params, "batch_stats": host.batch_stats})
+    deploy.save(os.path.join(s.workdir, "inference"), s.model,
+                {"params": host.params, "batch_stats": host.batch_stats},
+                source={"kind": "training", "workdir": s.workdir, "step": step,
+                        "config": config.model}, overwrite=True)
     _say(f"Exported inference checkpoint to {os.path.join(s.workdir, 'inference')}")
   return {**ev, "step": step}
 

@@ -1,0 +1,227 @@
+"""The one on-disk format of bireal_jax models, and `load(path)` for every export.
+
+A directory:
+
+    model.json   {"format": "bireal_jax.model", "format_version": 2,
+                  "kind": "float" | "packed",
+                  "model": models.to_config(model) (without axis_name),
+                  "source": where the weights came from (training run, converter, packing),
+                  "packing": the bit layout (packed only)}
+    variables/   an Orbax (StandardCheckpointer) checkpoint: {"params", "batch_stats"} for
+                 "float", the packed tree (uint32 bits, float32 kernels and affines) for "packed"
+
+The training export (`WORKDIR/inference`), the converter's output and a packed model are all
+written by `save`. `load` also opens the layouts of format version 1 (training export with
+`variables/`, converter output with `variables.msgpack`, packed export with `packed.json` and
+`params/`); `load(old).save(new)` rewrites one in this format. Loading needs only bireal_jax's
+model code and orbax: no optimizer, no training code, no TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional, Union
+
+import jax
+import numpy as np
+
+from bireal_jax import models
+from bireal_jax.deploy.model import PackedModel, pack
+from bireal_jax.ops.bits import WORD_BITS
+
+FORMAT = "bireal_jax.model"
+FORMAT_VERSION = 2
+KINDS = ("float", "packed")
+MODEL_FILE = "model.json"
+VARIABLES_DIR = "variables"
+PACKING = {"word_bits": WORD_BITS,
+           "bit_order": "channel c -> bit c % 32 of word c // 32; bit 1 = -1, bit 0 = +1",
+           "kernel_bits_layout": "[kh, kw, ceil(C/32), O] uint32"}
+
+# Format version 1: three layouts, read by `_load_v1`.
+_V1_INFERENCE = "bireal_jax.inference/1"  # training export: model.json + variables/
+_V1_MSGPACK = "variables.msgpack"  # converter: model.json {name, overrides, source, model}
+_V1_PACKED = ("bireal_jax.packed", 1, "packed.json", "config.json", "params")
+
+PathLike = Union[str, os.PathLike]
+
+
+class Exported:
+  """A model read by `load`: `exported(images)` gives eval-mode float32 logits.
+
+  `kind` is "float" or "packed"; `config` the model's `models.to_config`; `variables` what
+  `variables/` holds; `source` where the weights came from. `model` is the Linen `BiRealNet`
+  (for "float", `model.apply(variables, x, train=False)` runs it); `packed(impl)` is the
+  `PackedModel` (a float export is packed on the way).
+  """
+
+  def __init__(self, kind: str, config: Mapping[str, Any], variables: Mapping[str, Any],
+               source: Optional[Mapping[str, Any]] = None, path: Optional[str] = None,
+               format_version: int = FORMAT_VERSION):
+    if kind not in KINDS:
+      raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    self.kind, self.config, self.variables = kind, dict(config), variables
+    self.source, self.path, self.format_version = dict(source or {}), path, format_version
+    self._packed: dict = {}
+    self._apply = None
+
+  @property
+  def model(self) -> models.BiRealNet:
+    return models.from_config(self.config)
+
+  def packed(self, impl: Optional[str] = None) -> PackedModel:
+    if impl not in self._packed:
+      if self.kind == "packed":
+        self._packed[impl] = PackedModel(self.config, self.variables, impl)
+      else:
+        self._packed[impl] = pack(self.model, self.variables, impl)
+    return self._packed[impl]
+
+  def __call__(self, images) -> jax.Array:
+    if self.kind == "packed":
+      return self.packed()(images)
+    if self._apply is None:
+      self._apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
+    return self._apply(self.variables, images)
+
+  def save(self, path: PathLike, overwrite: bool = False) -> str:
+    """Write this model in the current format (e.g. to rewrite a version-1 export)."""
+    model = self.packed() if self.kind == "packed" else self.model
+    return save(path, model, None if self.kind == "packed" else self.variables,
+                source=self.source, overwrite=overwrite)
+
+  def __repr__(self):
+    return (f"Exported(kind={self.kind!r}, path={self.path!r}, format_version="
+            f"{self.format_version}, source={self.source!r})")
+
+
+def save(path: PathLike, model, variables: Optional[Mapping[str, Any]] = None, *,
+         kind: Optional[str] = None, source: Optional[Mapping[str, Any]] = None,
+         overwrite: bool = False) -> str:
+  """Write `model` to the directory `path`; returns its absolute path.
+
+  `model` is a Linen `BiRealNet` with its `variables` ({'params', 'batch_stats'}), written as
+  `kind="float"` (default) or packed on the way with `kind="packed"`; or a `PackedModel`
+  (written as "packed", no `variables`). `source` (a JSON-able dict) says where the weights
+  came from. An existing `path` is an error unless `overwrite`. Call on every process of a
+  multi-host job (Orbax coordinates them); process 0 writes model.json, last, so a directory
+  with a model.json is complete.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if isinstance(model, PackedModel):
+    if kind not in (None, "packed") or variables is not None:
+      raise ValueError(f"a PackedModel is saved as kind='packed' without variables, got "
+                       f"kind={kind!r} and variables={'given' if variables is not None else None}")
+    kind, config, tree = "packed", model.config, model.params
+  else:
+    kind = kind or "float"
+    if kind not in KINDS:
+      raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    missing = {"params", "batch_stats"} - set(variables or {})
+    if missing:
+      raise ValueError(f"variables lack {sorted(missing)}: expected keys 'params' and "
+                       f"'batch_stats', got {sorted(variables or {})}")
+    if kind == "packed":
+      pm = pack(model, variables)
+      config, tree = pm.config, pm.params
+    else:
+      config = models.to_config(model.clone(axis_name=None))
+      tree = {k: variables[k] for k in ("params", "batch_stats")}
+  config = {**config, "axis_name": None}  # cross-device BN matters only for training
+  if os.path.exists(path) and os.listdir(path) and not overwrite:
+    raise FileExistsError(f"export path {path!r} already exists; expected a new directory "
+                          f"(or pass overwrite=True)")
+  meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "model": config,
+          "source": dict(source or {})}
+  if kind == "packed":
+    meta["packing"] = PACKING
+  json.dumps(meta)  # fail on a source that is not JSON-able before anything is written
+  model_file = os.path.join(path, MODEL_FILE)
+  chief = jax.process_index() == 0
+  if chief and os.path.exists(model_file):
+    os.remove(model_file)  # until the new variables are complete, the directory is no export
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, VARIABLES_DIR), jax.tree.map(np.asarray, tree), force=True)
+    ckptr.wait_until_finished()
+  if chief:
+    tmp = model_file + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
+    os.replace(tmp, model_file)
+  return path
+
+
+def _restore(directory: str):
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(directory)
+
+
+def load(path: PathLike) -> Exported:
+  """Open any bireal_jax export: a training export, a converter's output or a packed model,
+  in this format or format version 1."""
+  path = os.path.abspath(os.fspath(path))
+  model_file = os.path.join(path, MODEL_FILE)
+  if not os.path.isfile(model_file):
+    if os.path.isfile(os.path.join(path, _V1_PACKED[2])):
+      return _load_v1_packed(path)
+    found = sorted(os.listdir(path)) if os.path.isdir(path) else "no such directory"
+    raise FileNotFoundError(f"{path!r} is not a bireal_jax export: expected {MODEL_FILE} and "
+                            f"{VARIABLES_DIR}/ (written by bireal_jax.deploy.save); found "
+                            f"{found}")
+  with open(model_file) as f:
+    meta = json.load(f)
+  fmt = meta.get("format")
+  if fmt == FORMAT:
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+      raise ValueError(f"{model_file}: format_version {version!r} is newer than this "
+                       f"bireal_jax reads ({FORMAT_VERSION}); upgrade bireal_jax to load it")
+    if meta.get("kind") == "packed":
+      _check_packing(model_file, meta.get("packing", {}))
+    tree = _restore(os.path.join(path, VARIABLES_DIR))
+    if meta.get("kind") == "packed":
+      tree = jax.tree.map(np.asarray, tree)
+    return Exported(meta.get("kind"), meta["model"], tree, meta.get("source"), path, version)
+  if fmt == _V1_INFERENCE:
+    tree = _restore(os.path.join(path, VARIABLES_DIR))
+    return Exported("float", meta["model"], {k: tree[k] for k in ("params", "batch_stats")},
+                    {"kind": "training"}, path, 1)
+  if fmt is None and "model" in meta and os.path.isfile(os.path.join(path, _V1_MSGPACK)):
+    from flax import serialization
+    with open(os.path.join(path, _V1_MSGPACK), "rb") as f:
+      tree = serialization.msgpack_restore(f.read())
+    source = {"kind": "converted", "from": meta.get("source"), "name": meta.get("name"),
+              "overrides": meta.get("overrides")}
+    return Exported("float", meta["model"], tree, source, path, 1)
+  raise ValueError(f"{model_file}: format {fmt!r} is not one bireal_jax writes: expected "
+                   f"{FORMAT!r} (or a version-1 export)")
+
+
+def _check_packing(where: str, packing: Mapping[str, Any]):
+  if packing.get("word_bits") != WORD_BITS:
+    raise ValueError(f"{where}: word_bits={packing.get('word_bits')!r}, expected {WORD_BITS}")
+
+
+def _load_v1_packed(path: str) -> Exported:
+  name, version, meta_file, config_file, params_dir = _V1_PACKED
+  with open(os.path.join(path, meta_file)) as f:
+    meta = json.load(f)
+  if meta.get("format") != name or meta.get("version") != version:
+    raise ValueError(f"{path!r}: format {meta.get('format')!r} v{meta.get('version')!r}, "
+                     f"expected {name!r} v{version} or {FORMAT!r} (a {MODEL_FILE})")
+  _check_packing(path, meta)
+  try:
+    with open(os.path.join(path, config_file)) as f:
+      config = json.load(f)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{path!r} is not a complete packed export: missing "
+                            f"{e.filename}") from None
+  tree = jax.tree.map(np.asarray, _restore(os.path.join(path, params_dir)))
+  return Exported("packed", config, tree, {"kind": "packed"}, path, 1)
+
+
+def directory_bytes(path: PathLike) -> int:
+  """Total size of the files under `path` (what an export occupies on disk, by file size)."""
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)

@@ -1,0 +1,82 @@
+"""`PackedModel`, the packed Bi-Real Net object, and `pack` (trained float model → PackedModel)."""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bireal_jax.deploy import fold, runtime
+from bireal_jax.deploy.forward import IMPLS, default_impl, runtime_params
+
+
+@jax.tree_util.register_pytree_node_class
+class PackedModel:
+  """A packed Bi-Real Net: `PackedModel(images) -> float32 logits [batch, classes]`.
+
+  `config` is `models.to_config` of the float model, `params` the packed tree (uint32 bits,
+  float32 real kernels and per-channel affines). `impl` selects how binary convs are computed
+  (`IMPLS`; None = `default_impl()`). A pytree, so it can be passed through `jax.jit`.
+  """
+
+  def __init__(self, config: Mapping[str, Any], params: Mapping[str, Any],
+               impl: Optional[str] = None, micro_batch: Optional[int] = None):
+    if impl is not None and impl not in IMPLS:
+      raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    self.config = dict(config)
+    self.params = params
+    self.impl = impl
+    self.micro_batch = micro_batch
+    self._runtime: dict[str, Any] = {}
+    self._cfg_json = json.dumps(self.config, sort_keys=True)
+
+  def tree_flatten(self):
+    return (self.params,), (self._cfg_json, self.impl, self.micro_batch)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(json.loads(aux[0]), children[0], aux[1], aux[2])
+
+  def runtime_params(self, impl: str):
+    """Parameters converted for `impl`, cached (unless traced, e.g. inside a user's jit)."""
+    if impl in self._runtime:
+      return self._runtime[impl]
+    rp = runtime_params(self.params, impl)
+    if not runtime.is_traced(self.params):
+      rp = jax.device_put(rp)  # once, not a host-to-device copy per call
+      self._runtime[impl] = rp
+    return rp
+
+  def __call__(self, images: jax.Array, impl: Optional[str] = None,
+               micro_batch: Optional[int] = None, streams: Optional[int] = None,
+               stage_micro_batch: Optional[int] = None) -> jax.Array:
+    """Logits for NHWC `images`. `micro_batch` / `stage_micro_batch` as in `forward` (None =
+    the per-backend defaults); `streams` chunks of the batch run concurrently (None =
+    `default_streams()`: the cores on CPU, 1 elsewhere); inside a jit it is one computation."""
+    impl = impl or self.impl or default_impl()
+    mbs = (micro_batch or self.micro_batch or runtime.default_micro_batch(),
+           stage_micro_batch or runtime.default_stage_micro_batch())
+    params = self.runtime_params(impl)
+    images = jnp.asarray(images)
+    if runtime.is_traced((params, images)):
+      return runtime.jit_forward(self._cfg_json, impl, mbs, params, images)
+    return runtime.run_streams(self._cfg_json, impl, mbs, params, images,
+                               streams or runtime.default_streams())
+
+  def num_bytes(self) -> int:
+    """Bytes of the stored parameters (what `save` writes, before container overhead)."""
+    return int(sum(np.asarray(l).nbytes for l in jax.tree.leaves(self.params)))
+
+
+def pack(model, variables: Mapping[str, Any], impl: Optional[str] = None) -> PackedModel:
+  """Fold α and BN into per-channel affines and pack binary kernels: trained model -> PackedModel.
+
+  `model` must use a binary activation and a binary kernel quantizer (`quantizers.BINARY_*`).
+  The packed model computes in float32 (a `model.dtype=bfloat16` model matches only to bf16
+  tolerance).
+  """
+  cfg = fold.check_packable(model)
+  tree = fold.pack_tree(cfg, variables)
+  return PackedModel(cfg, jax.tree.map(np.asarray, tree), impl)
