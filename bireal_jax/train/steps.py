@@ -108,7 +108,7 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, learning_rat
   if scan_micro_batches is None:
     scan_micro_batches = jax.default_backend() != "cpu"
   if grad_accum_steps == 1 or not scan_micro_batches:
-    # Unrolled on the CPU: XLA:CPU ran the same body inside lax.scan ~25x slower.
+    # Unrolled on the CPU: XLA:CPU ran the same body inside lax.scan far slower (docs/speed.md).
     sums = []
     for i in range(grad_accum_steps):
       carry, s = micro_step(carry, jax.tree.map(lambda x: x[i], micro))
