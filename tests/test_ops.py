@@ -69,7 +69,9 @@ def _skip_unavailable(op, name):
 # (must appear, must not appear) in a candidate's forward jaxpr.
 SIGNATURES = {
     "conv2d": {"reference": (["conv_general_dilated"], ["bireal_"]),
-               "onednn": (["bireal_onednn_conv_fwd"], ["conv_general_dilated"])},
+               "onednn": (["bireal_onednn_conv_fwd"], ["conv_general_dilated"]),
+               "onednn_bwd_data": (["bireal_onednn_conv_fwd"], ["conv_general_dilated"]),
+               "onednn_flip": (["bireal_onednn_conv_fwd"], ["conv_general_dilated"])},
     "binary_conv2d": {
         "reference": (["conv_general_dilated"], ["bireal_", "population_count", "i8"]),
         "onednn": (["bireal_onednn_conv_fwd"], ["population_count", "i8"]),
@@ -161,14 +163,35 @@ def _exact_binary(xq, wq, strides, pads):
 def test_conv2d_candidate_matches_the_reference(name, geometry):
   _skip_unavailable("conv2d", name)
   x, w, g, statics = _conv_operands({**CONVS, **STEM}[geometry], binary=False)
-  assert name in ops.applicable("conv2d", (x, w), statics)
+  applies = name in ops.applicable("conv2d", (x, w), statics)
+  # The flipped-kernel input gradient needs stride 1; every other candidate takes them all.
+  assert applies == (name != "onednn_flip" or statics["strides"] == (1, 1))
   jaxpr, y, grads = _run(_only("conv2d", name),
                          lambda a, b: ops.conv2d(a, b, **statics), (x, w), g)
-  _check_signature("conv2d", name, jaxpr)
+  _check_signature("conv2d", name, jaxpr, applies)
   y_ref, grads_ref = _reference(lambda a, b: reference.conv2d(a, b, **statics), (x, w), g)
   _close(y, y_ref)
   _close(grads[0], grads_ref[0])
   _close(grads[1], grads_ref[1])
+
+
+@pytest.mark.parametrize("size", [8, 28])
+def test_onednn_input_gradient_forms(size):
+  """"onednn_bwd_data" runs oneDNN's backward-data primitive, "onednn_flip" the flipped-kernel
+  forward conv, and "onednn" (what `native` runs) the flipped form from 28×28 up only."""
+  _skip_unavailable("conv2d", "onednn")
+  x, w = _x(1, size, size, 4, seed=1), _x(3, 3, 4, 5, seed=2)
+  statics = dict(strides=(1, 1), pads=((1, 1), (1, 1)))
+  for name, uses_bwd_data in [("onednn_bwd_data", True), ("onednn_flip", False),
+                              ("onednn", size < 28)]:
+    with ops.implementation(_only("conv2d", name)):
+      grad = jax.make_jaxpr(jax.grad(lambda a, b: ops.conv2d(a, b, **statics).sum()))(x, w)
+    assert ("bireal_onednn_conv_bwd_data" in str(grad)) == uses_bwd_data, name
+  # `auto` times the forward once in eval and the two input-gradient forms in training.
+  names = ops.applicable("conv2d", (x, w), statics)
+  assert autotune._timed_here("conv2d", names, train=False) == ["reference", "onednn"]
+  assert autotune._timed_here("conv2d", names, train=True) == ["reference", "onednn_bwd_data",
+                                                               "onednn_flip"]
 
 
 EXACT = ("xor", "xor_jax", "int8")  # integer sums scaled by α once

@@ -48,11 +48,13 @@ OPS = ("conv2d", "binary_conv2d", "max_pool", "batch_norm_train")
 @dataclasses.dataclass(frozen=True)
 class Candidate:
   """One implementation of an op: `fn` has the op's signature; `applies(*arrays, **statics)`
-  says whether it takes these operands (dtype, geometry); `available()` whether it is built."""
+  says whether it takes these operands (dtype, geometry); `available()` whether it is built;
+  `timed` the `auto` modes ("train": forward + backward, "eval": forward) that time it."""
   fn: Callable
   applies: Callable[..., bool] = lambda *a, **k: True
   available: Callable[[], bool] = lambda: True
   cpu_only: bool = True
+  timed: tuple = ("train", "eval")
 
 
 def _f32(*arrays) -> bool:
@@ -71,9 +73,14 @@ def _xor_available() -> bool:
 
 # --- conv2d ------------------------------------------------------------------------------------
 
-def _conv_onednn(x, w, strides, pads):
+def _conv_onednn(x, w, strides, pads, input_grad="rule"):
   from bireal_jax.ops.cpu import onednn
-  return onednn.conv2d(x, w, strides, pads)
+  return onednn.conv2d(x, w, strides, pads, input_grad)
+
+
+def _conv_onednn_flip_applies(x, w, strides, pads) -> bool:
+  from bireal_jax.ops.cpu import onednn
+  return _f32(x, w) and onednn.flip_fits(w.shape, strides, pads)
 
 
 # --- binary_conv2d: forward candidates; all share the float convolution's backward ----------------
@@ -141,7 +148,17 @@ def _bn_fused(x, scale, bias, epsilon, axis_name):
 CANDIDATES: dict[str, dict[str, Candidate]] = {
     "conv2d": {
         "reference": Candidate(reference.conv2d, cpu_only=False),
-        "onednn": Candidate(_conv_onednn, lambda x, w, **_: _f32(x, w), _onednn_available),
+        # One forward; the input gradient by the fixed size rule ("onednn", what `native`
+        # runs), by backward-data, or by the flipped-kernel forward conv. `auto` times the
+        # forward once in eval and the two pure input-gradient forms in training.
+        "onednn": Candidate(_conv_onednn, lambda x, w, **_: _f32(x, w), _onednn_available,
+                            timed=("eval",)),
+        "onednn_bwd_data": Candidate(functools.partial(_conv_onednn, input_grad="bwd_data"),
+                                     lambda x, w, **_: _f32(x, w), _onednn_available,
+                                     timed=("train",)),
+        "onednn_flip": Candidate(functools.partial(_conv_onednn, input_grad="flipped"),
+                                 _conv_onednn_flip_applies, _onednn_available,
+                                 timed=("train",)),
     },
     "binary_conv2d": {
         "reference": Candidate(_with_conv_backward(reference.binary_conv2d), cpu_only=False),

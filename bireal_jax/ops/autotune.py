@@ -188,8 +188,13 @@ def _untimed(op, arrays, statics, names) -> str | None:
   return None
 
 
+def _timed_here(op, names, train: bool) -> list:
+  mode = "train" if train else "eval"
+  return [n for n in names if mode in _ops.CANDIDATES[op][n].timed]
+
+
 def _pick(op, arrays, statics, train: bool) -> str:
-  names = _ops.applicable(op, arrays, statics)
+  names = _timed_here(op, _ops.applicable(op, arrays, statics), train)
   untimed = _untimed(op, arrays, statics, names)
   if untimed is not None:
     return untimed

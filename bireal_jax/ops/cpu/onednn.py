@@ -85,27 +85,38 @@ def _call(name, out_shape, *args, strides, pads):
                           vmap_method="sequential")(*args, **_attrs(strides, pads))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, k, strides, pads):
+INPUT_GRADS = ("rule", "bwd_data", "flipped")
+
+
+def flip_fits(kernel_shape, strides, pads) -> bool:
+  """Whether the input gradient can run as a forward conv with the flipped kernel: stride 1 and
+  padding at most kernel − 1 on every side."""
+  kh, kw = kernel_shape[:2]
+  return (tuple(strides) == (1, 1) and max(pads[0]) <= kh - 1 and max(pads[1]) <= kw - 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, k, strides, pads, input_grad):
   oh, ow = out_hw(x.shape, k.shape, strides, pads)
   return _call("fwd", (x.shape[0], oh, ow, k.shape[3]), x, k, strides=strides, pads=pads)
 
 
-def _conv_fwd(x, k, strides, pads):
-  return _conv(x, k, strides, pads), (x, k)
+def _conv_fwd(x, k, strides, pads, input_grad):
+  return _conv(x, k, strides, pads, input_grad), (x, k)
 
 
-def _conv_bwd(strides, pads, res, dy):
+def _conv_bwd(strides, pads, input_grad, res, dy):
   x, k = res
   kh, kw = k.shape[:2]
-  flipped_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
-                  (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
-  if (strides == (1, 1) and min(min(p) for p in flipped_pads) >= 0
-      and x.shape[1] * x.shape[2] >= 28 * 28):
-    # Stride 1 on images of at least 28×28: the input gradient as a forward conv of dy with the
-    # flipped, I/O-swapped kernel, because oneDNN 2.6's forward kernels outran its backward-data
-    # ones there (on small images the transpose costs more than it saves). A fixed rule from one
-    # AVX-512 machine's timings, not re-timed per CPU: docs/speed.md, "Fixed choices".
+  flip = flip_fits(k.shape, strides, pads) and (
+      input_grad == "flipped" or (input_grad == "rule" and x.shape[1] * x.shape[2] >= 28 * 28))
+  if flip:
+    # The input gradient as a forward conv of dy with the flipped, I/O-swapped kernel. "rule"
+    # does this at stride 1 on images of at least 28×28, because oneDNN 2.6's forward kernels
+    # outran its backward-data ones there on the AVX-512 machine it was set on (docs/speed.md,
+    # "Fixed choices"); `auto` times "bwd_data" against "flipped" on each CPU instead.
+    flipped_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
+                    (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
     k_t = jnp.flip(k, (0, 1)).swapaxes(2, 3)
     dx = _call("fwd", x.shape, dy, k_t, strides=strides, pads=flipped_pads)
   else:
@@ -117,12 +128,18 @@ def _conv_bwd(strides, pads, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads) -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads,
+           input_grad: str = "rule") -> jax.Array:
   """`lax.conv_general_dilated(x, kernel, strides, pads, ("NHWC", "HWIO", "NHWC"))` via oneDNN.
 
   f32 only, explicit padding `((top, bottom), (left, right))`, no dilation or groups; call it
-  only when `available()` (the layers do) — XLA has no other lowering for it.
+  only when `available()` (the layers do) — XLA has no other lowering for it. `input_grad`
+  says how the input gradient runs: "bwd_data" (oneDNN's backward-data primitive), "flipped"
+  (a forward conv with the flipped kernel, where `flip_fits`) or "rule" (flipped at stride 1 on
+  images of at least 28×28, else backward-data).
   """
+  if input_grad not in INPUT_GRADS:
+    raise ValueError(f"input_grad must be one of {INPUT_GRADS}, got {input_grad!r}")
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
     raise TypeError(f"oneDNN conv2d takes float32 operands, got {x.dtype} and {kernel.dtype}")
   if x.ndim != 4 or kernel.ndim != 4 or x.shape[3] != kernel.shape[2]:
@@ -137,8 +154,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads) 
     # A strided 1×1 conv reads every s-th pixel only: the same conv at stride 1 on those pixels.
     # Also avoids oneDNN 2.6's jit_1x1 kernel gradient at stride 2, which returned wrong values
     # (and corrupted memory) for some small channel counts (e.g. 4 → 8 channels, 8×8 input).
-    return _conv(x[:, ::strides[0], ::strides[1], :], kernel, (1, 1), pads)
-  return _conv(x, kernel, strides, pads)
+    return _conv(x[:, ::strides[0], ::strides[1], :], kernel, (1, 1), pads, input_grad)
+  return _conv(x, kernel, strides, pads, input_grad)
 
 
 def _pool_attrs(window, strides, pads):
