@@ -125,7 +125,7 @@ def save(path: PathLike, model, variables: Optional[Mapping[str, Any]] = None, *
       pm = pack(model, variables)
       config, tree = pm.config, pm.params
     else:
-      config = models.to_config(model.clone(axis_name=None))
+      config = models.to_config(model)
       tree = {k: variables[k] for k in ("params", "batch_stats")}
   config = {**config, "axis_name": None}  # cross-device BN matters only for training
   if os.path.exists(path) and os.listdir(path) and not overwrite:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bireal_jax.deploy import fold, runtime
-from bireal_jax.deploy.forward import IMPLS, default_impl, runtime_params
+from bireal_jax.deploy.forward import IMPLS, default_impl, forward, runtime_params
 
 
 @jax.tree_util.register_pytree_node_class
@@ -60,8 +60,8 @@ class PackedModel:
            stage_micro_batch or runtime.default_stage_micro_batch())
     params = self.runtime_params(impl)
     images = jnp.asarray(images)
-    if runtime.is_traced((params, images)):
-      return runtime.jit_forward(self._cfg_json, impl, mbs, params, images)
+    if runtime.is_traced((params, images)):  # inside the caller's jit: its options apply
+      return forward(self.config, params, images, impl, *mbs)
     return runtime.run_streams(self._cfg_json, impl, mbs, params, images,
                                streams or runtime.default_streams())
 

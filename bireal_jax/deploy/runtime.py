@@ -86,19 +86,11 @@ def is_traced(tree) -> bool:
   return any(isinstance(l, jax.core.Tracer) for l in jax.tree.leaves(tree))
 
 
-def jit_forward(cfg_json, impl, micro_batches, params, images):
-  """`forward`, jitted once per backend (config, impl and micro-batches static); inside the
-  caller's jit it is traced inline, so the caller's compiler options apply."""
-  if is_traced((params, images)):
-    return _forward_static(cfg_json, impl, micro_batches, params, images)
-  return _jitted()(cfg_json, impl, micro_batches, params, images)
-
-
 _POOL: list = []
 
 
 def run_streams(cfg_json, impl, micro_batches, params, images, streams: int):
-  """`jit_forward` on `split_streams` chunks, one Python thread each, concatenated in order."""
+  """The jitted `forward` on `split_streams` chunks, one Python thread each, concatenated in order."""
   unit = math.lcm(*(m or 1 for m in micro_batches))  # whole micro-batches of every phase
   chunks = split_streams(images.shape[0], streams, unit)
   fwd = _jitted()  # created here, not by racing threads
