@@ -1,14 +1,18 @@
 """Training checkpoints with Orbax's `CheckpointManager`, and the workdir's config record.
 
-Layout of a workdir:
+Layout of a workdir (a local directory or an object-store URL such as gs://bucket/run; every
+path goes through `bireal_jax.storage`):
   config.json           the run's config and its identity (model, image shape, classes, dataset)
   checkpoints/<step>/   `state` (TrainState as a PyTree) + `meta` (JSON: step, epoch, ...)
-Saves are asynchronous and atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it),
-so a crash never leaves a half-written step behind: Orbax lists only renamed steps and deletes
-the temporary directories when the next run opens the directory. A step that is unreadable
-anyway (truncated or corrupted on disk) is skipped with a warning in favour of the previous one.
+Saves are asynchronous and atomic: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it
+(locally), or marks a finished step with `commit_success.txt` (object storage), and lists only
+finished steps. A step that Orbax reports damaged (truncated or corrupted files: tensorstore's
+DATA_LOSS / NOT_FOUND, unparsable JSON) is skipped with a warning in favour of the previous one;
+it is left where it is. A passing storage error (network, timeout, HTTP 429/5xx) is retried with
+backoff and then stops the job naming the URL: it never makes a run skip a step or start over.
 A save that fails (disk full, unwritable directory) raises `CheckpointError` naming the
 directory; older steps are deleted only after a save succeeds, so the previous one stays.
+Nothing here moves or deletes a checkpoint on its own beyond Orbax's keep-the-newest-K policy.
 """
 from __future__ import annotations
 
@@ -21,15 +25,24 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from bireal_jax import storage
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-
+IO_RETRIES = 3  # retries of a restore or listing that fails with a passing storage error
+SAVE_TIMEOUT_S = 900.0  # the longest wait for a save in flight before the job gives it up
 
 class CheckpointError(RuntimeError):
   """A checkpoint or workdir that cannot be used for this run."""
 
 
-def _manager(directory: str, *, keep: int = 3, every_steps: Optional[int] = None,
+class SaveAbandoned(CheckpointError):
+  """A save in flight did not finish in time (storage unreachable or too slow). Its writer
+  threads may still be retrying: the process should exit without waiting for them (the
+  unfinished step is no checkpoint: Orbax lists only finished steps)."""
+
+
+def _manager(directory, *, keep: int = 3, every_steps: Optional[int] = None,
              async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
   policy = (ocp.checkpoint_managers.FixedIntervalPolicy(every_steps)
             if every_steps else None)
@@ -41,32 +54,68 @@ def _manager(directory: str, *, keep: int = 3, every_steps: Optional[int] = None
       read_only=read_only,
       create=not read_only)
   return ocp.CheckpointManager(
-      os.path.abspath(directory), options=options, item_names=("state", "meta"),
+      storage.path(directory), options=options, item_names=("state", "meta"),
       item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                      "meta": ocp.JsonCheckpointHandler()})
+
+
+_DAMAGE = re.compile(r"^\s*(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE)\b")
+
+
+def is_damage(e: BaseException) -> bool:
+  """Whether Orbax/TensorStore's error `e` says a stored step is incomplete or corrupted
+  (tensorstore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE, a missing file, unparsable JSON), as
+  opposed to a passing storage error or anything else (memory, a bug): only damage lets a
+  restore fall back to an older step."""
+  if storage.is_transient(e):
+    return False
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (json.JSONDecodeError, FileNotFoundError, EOFError)):
+      return True
+    if isinstance(e, ValueError) and _DAMAGE.match(str(e)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 class Checkpoints:
   """Periodic, asynchronous, keep-K checkpoints of one training run."""
 
-  def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1000,
-               async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, *, keep: int = 3, every_steps: int = 1000,
+               async_save: bool = True, io_retries: int = IO_RETRIES,
+               save_timeout_s: float = SAVE_TIMEOUT_S):
+    self.directory = storage.join(directory)
+    self.io_retries = io_retries
+    self.save_timeout_s = save_timeout_s
+    self.every_steps = every_steps
     try:
-      self.manager = _manager(directory, keep=keep, every_steps=every_steps,
-                              async_save=async_save)
+      self.manager = storage.retry(
+          lambda: _manager(self.directory, keep=keep, every_steps=every_steps,
+                           async_save=async_save),
+          what="opening the checkpoints", where=self.directory, retries=io_retries, say=_warn)
+    except storage.StorageUnavailable as e:
+      raise CheckpointError(str(e)) from e
     except OSError as e:
       raise CheckpointError(f"cannot create the checkpoint directory {self.directory} "
                             f"({type(e).__name__}: {_short(e)}): expected a writable "
                             f"directory") from e
     self._in_flight = None  # the step of the async save not yet known to have finished
     self._failed = None  # the step whose save failed (reported once)
+    self.damaged: list[int] = []  # steps found damaged by `restore` (left in place)
+    self._last_good = self.manager.latest_step()  # the newest step known to be written
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
     """Start saving `state` (a PyTree of global arrays) at `step`; True if a save started."""
+    # Orbax's should_save is False for a step already on disk: the interval decides here.
+    if step in self.damaged and (force or step % self.every_steps == 0):
+      _warn(f"WARNING: checkpoint step {step} not saved: the damaged step {step} is still in "
+            f"{self.directory} (move it aside to let this run save that step)")
+      return False
     if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):
       return False
     # Orbax waits for the previous save inside `save` too; waiting here first tells whose
@@ -83,34 +132,44 @@ class Checkpoints:
 
   def _save_failed(self, step: int, e: Exception) -> CheckpointError:
     self._failed, self._in_flight = step, None
-    try:  # Orbax dropped the failed step from its list; re-read what is on disk
-      self.manager.reload()
-      good = self.manager.latest_step()
-    except Exception:
-      good = None
-    size = _dir_size(os.path.join(self.directory, str(good))) if good is not None else 0
+    unreachable = storage.is_transient(e)
+    good, size = self._last_good, 0
+    if not unreachable:  # Orbax dropped the failed step from its list; re-read what is there
+      try:
+        self.manager.reload()
+        good = self.manager.latest_step()
+        size = storage.size_of(storage.join(self.directory, str(good))) if good else 0
+      except Exception:  # noqa: BLE001 - the message below is what matters
+        pass
+    reach = "the storage could not be reached" if unreachable else _io_reason(e)
+    fix = ("check the connection to the storage" if unreachable
+           else "free space or fix the directory")
     return CheckpointError(
-        f"saving checkpoint step {step} to {self.directory} failed: {_io_reason(e)} "
+        f"saving checkpoint step {step} to {self.directory} failed: {reach} "
         f"({type(e).__name__}: {_short(e, 200)}): expected a writable directory with free "
         f"space for a checkpoint (the last one takes {size / 2**20:.2f} MiB). "
-        + (f"The previous checkpoint (step {good}) is intact: free space or fix the "
-           f"directory, then run the same command again to resume from it."
+        + (f"The previous checkpoint (step {good}) is intact: {fix}, then run the same "
+           f"command again to resume from it."
            if good is not None else
-           "No checkpoint was written yet: free space or fix the directory, then start "
-           "again."))
+           f"No checkpoint was written yet: {fix}, then start again."))
 
   def restore(self, abstract_state) -> Optional[tuple[Any, dict, int]]:
     """Newest readable checkpoint as `(state, meta, step)`, or None when there is none.
 
     `abstract_state` is a PyTree of `jax.ShapeDtypeStruct` (with shardings) giving the
-    structure to restore into. An unreadable step is reported and the one before it tried.
+    structure to restore into. A step Orbax reports damaged (`is_damage`) is reported, left in
+    place, and the one before it tried. A passing storage error is retried, then raises
+    `CheckpointError`; any other error raises at once: neither skips a step.
     """
-    steps = sorted(self.manager.all_steps(), reverse=True)
+    steps = sorted(self._io(self.manager.all_steps, "listing the checkpoints"), reverse=True)
     for i, step in enumerate(steps):
       try:
-        stored = _tree_of(self.manager.item_metadata(step)["state"])
-      except Exception as e:  # unreadable metadata: a damaged step
-        self._report_unreadable(step, e, steps[i + 1:])
+        stored = _tree_of(self._io(lambda: self.manager.item_metadata(step)["state"],
+                                   f"reading checkpoint step {step}"))
+      except CheckpointError:
+        raise
+      except Exception as e:
+        self._unreadable(step, e, steps[i + 1:])
         continue
       # A readable step of another shape is not damage: refuse rather than fall back.
       problems = compare_trees(abstract_state, stored)
@@ -119,50 +178,76 @@ class Checkpoints:
             f"checkpoint step {step} in {self.directory} does not match this model/config; "
             f"differing paths:\n  " + "\n  ".join(problems[:20]))
       try:
-        out = self.manager.restore(step, args=ocp.args.Composite(
+        out = self._io(lambda: self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=abstract_state,
                                          restore_args=_restore_args(abstract_state)),
-            meta=ocp.args.JsonRestore()))
-      except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-        self._report_unreadable(step, e, steps[i + 1:])
+            meta=ocp.args.JsonRestore())), f"restoring checkpoint step {step}")
+      except CheckpointError:
+        raise
+      except Exception as e:
+        self._unreadable(step, e, steps[i + 1:])
         continue
-      self._quarantine(steps[:i])
+      self._last_good = step
       return out["state"], dict(out["meta"]), step
-    self._quarantine(steps)
+    if self.damaged:
+      raise CheckpointError(
+          f"every checkpoint in {self.directory} is damaged (steps {self.damaged}); nothing "
+          f"was moved or deleted. Move them aside (or use a new --workdir) to start from "
+          f"scratch, or restore a copy of the directory.")
     return None
 
-  def _report_unreadable(self, step, e, older):
-    msg = (f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-           f"({type(e).__name__}: {_short(e)}); "
-           + (f"falling back to step {older[0]}" if older else
-              "no older checkpoint: starting from scratch"))
-    if jax.process_index() == 0:
-      print(msg, flush=True)
+  def _io(self, fn, what: str):
+    """`fn()` with passing storage errors retried; exhausted retries -> CheckpointError."""
+    try:
+      return storage.retry(fn, what=what, where=self.directory, retries=self.io_retries,
+                           say=_warn)
+    except storage.StorageUnavailable as e:
+      raise CheckpointError(f"{e} No checkpoint was skipped, moved or deleted.") from e
 
-  def _quarantine(self, steps):
-    """Move unreadable steps to `<dir>_unreadable/` (kept for inspection, out of the way of
-    the steps this run will save again)."""
-    if not steps:
-      return
-    if jax.process_index() == 0:
-      target = self.directory.rstrip("/") + "_unreadable"
-      os.makedirs(target, exist_ok=True)
-      for step in steps:
-        dest = os.path.join(target, f"{step}_{int(time.time())}")
-        os.replace(os.path.join(self.directory, str(step)), dest)
-        print(f"WARNING: moved unreadable checkpoint step {step} to {dest}", flush=True)
-    _sync("bireal_jax_quarantine")
-    self.manager.reload()
+  def _unreadable(self, step: int, e: Exception, older: list[int]):
+    """Skip a damaged step (warning, left in place); any other error stops the restore."""
+    if not is_damage(e):
+      raise CheckpointError(
+          f"restoring checkpoint step {step} from {self.directory} failed "
+          f"({type(e).__name__}: {_short(e)}); it is not recognised as damage, so no step was "
+          f"skipped, moved or deleted: fix the cause (memory, permissions, versions), then run "
+          f"the same command again.") from e
+    self.damaged.append(step)
+    where = storage.join(self.directory, str(step))
+    _warn(f"WARNING: checkpoint step {step} in {self.directory} is damaged "
+          f"({type(e).__name__}: {_short(e)}); "
+          + (f"falling back to step {older[0]}. Step {step} is left in place: move {where} "
+             f"aside (or delete it) to let this run save that step again."
+             if older else "no older checkpoint."))
 
   def wait(self):
-    """Block until the async save in flight is written; `CheckpointError` if it failed."""
+    """Block until the async save in flight is written; `CheckpointError` if it failed,
+    `SaveAbandoned` if it did not finish within `save_timeout_s` (TensorStore retries an
+    unreachable bucket for many minutes)."""
+    if self._in_flight is not None:
+      deadline = time.time() + self.save_timeout_s
+      while self.manager.is_saving_in_progress():
+        if time.time() > deadline:
+          step, self._failed, self._in_flight = self._in_flight, self._in_flight, None
+          previous = (f"The previous checkpoint (step {self._last_good}) is intact"
+                      if self._last_good is not None else "No checkpoint was written yet")
+          raise SaveAbandoned(
+              f"saving checkpoint step {step} to {self.directory} did not finish within "
+              f"{self.save_timeout_s:g} s: the storage is unreachable or too slow. {previous}; "
+              f"the unfinished step is not a checkpoint. Check the connection to the storage, "
+              f"then run the same command again to resume.")
+        time.sleep(0.1)
     try:
       self.manager.wait_until_finished()
     except Exception as e:
       if self._in_flight is None:
         raise
       raise self._save_failed(self._in_flight, e) from e
-    self._in_flight = None
+    if self._in_flight is not None:
+      self._last_good, self._in_flight = self._in_flight, None
+
+  def _abandoned(self) -> bool:
+    return self._failed is not None and self.manager.is_saving_in_progress()
 
   def close(self):
     """Wait for the save in flight and close; a failure already reported is not raised again
@@ -173,6 +258,10 @@ class Checkpoints:
         self.wait()
       except CheckpointError as e:
         error = e
+    if isinstance(error, SaveAbandoned) or self._abandoned():
+      if error is not None:
+        raise error
+      return  # closing would wait for the abandoned save's writers
     try:
       self.manager.close()
     except Exception:
@@ -182,15 +271,9 @@ class Checkpoints:
       raise error
 
 
-def _sync(name: str):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-def _dir_size(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f))
-             for root, _, files in os.walk(path) for f in files)
+def _warn(msg: str):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def _io_reason(e: BaseException) -> str:
@@ -214,9 +297,7 @@ def _io_reason(e: BaseException) -> str:
   return (reason or "unknown reason") + (f' writing "{path}"' if path else "")
 
 
-def _short(e: Exception, n: int = 300) -> str:
-  s = str(e).replace("\n", " ")
-  return s if len(s) <= n else s[:n] + "..."
+_short = storage.short
 
 
 def _restore_args(abstract_tree):
@@ -227,20 +308,29 @@ def _restore_args(abstract_tree):
 
 
 def find_checkpoint_dir(path: str) -> str:
-  """`path/checkpoints` when `path` is a workdir, else `path` itself."""
-  sub = os.path.join(path, CHECKPOINT_DIR)
-  return sub if os.path.isdir(sub) else path
+  """`path/checkpoints` when `path` is a workdir, else `path` itself (local or a URL)."""
+  sub = storage.join(path, CHECKPOINT_DIR)
+  return sub if storage.isdir(sub) else storage.join(path)
 
 
 def stored_tree(directory: str, step: Optional[int] = None) -> tuple[dict, int]:
   """Shapes/dtypes of the stored TrainState at `step` (default latest) without reading arrays."""
-  mngr = _manager(directory, read_only=True)
+  mngr = _read(lambda: _manager(directory, read_only=True), directory)
   steps = mngr.all_steps()
   if not steps:
     raise CheckpointError(f"no checkpoint found in {directory!r}: expected a workdir with "
                           f"{CHECKPOINT_DIR}/<step>/ or a checkpoint directory")
   step = max(steps) if step is None else step
-  return _tree_of(mngr.item_metadata(step)["state"]), step
+  return _tree_of(_read(lambda: mngr.item_metadata(step)["state"], directory)), step
+
+
+def _read(fn, directory):
+  """A read of another run's checkpoint, with passing storage errors retried."""
+  try:
+    return storage.retry(fn, what=f"reading {directory}", where=directory, retries=IO_RETRIES,
+                         say=_warn)
+  except storage.StorageUnavailable as e:
+    raise CheckpointError(str(e)) from e
 
 
 def restore_subtrees(directory: str, abstract: dict, step: Optional[int] = None) -> tuple[dict, int]:
@@ -258,10 +348,10 @@ def restore_subtrees(directory: str, abstract: dict, step: Optional[int] = None)
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     raise CheckpointError(f"checkpoint {directory!r} (step {step}) does not match the model; "
                           f"differing paths:\n  {head}{more}")
-  mngr = _manager(directory, read_only=True)
-  out = mngr.restore(step, args=ocp.args.Composite(
+  mngr = _read(lambda: _manager(directory, read_only=True), directory)
+  out = _read(lambda: mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract),
-                                   partial_restore=True)))
+                                   partial_restore=True))), directory)
   return out["state"], step
 
 
@@ -305,10 +395,9 @@ def check_workdir(workdir: str, identity: dict, config_dict: dict, *, write: boo
   `identity` holds what a checkpoint depends on (model config, image shape, classes, dataset);
   other keys (learning rate, epochs, ...) may change between runs of one workdir.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f).get("identity", {})
+  path = storage.join(workdir, CONFIG_FILE)
+  if storage.exists(path):
+    stored = json.loads(storage.read_text(path)).get("identity", {})
     diffs = _diff(stored, _jsonable(identity))
     if diffs:
       raise CheckpointError(
@@ -316,12 +405,17 @@ def check_workdir(workdir: str, identity: dict, config_dict: dict, *, write: boo
           f"(use a new --workdir):\n  " + "\n  ".join(diffs))
     return
   if write:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"identity": _jsonable(identity), "config": _jsonable(config_dict)}, f,
-                indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(
+        {"identity": _jsonable(identity), "config": _jsonable(config_dict)}, indent=2,
+        sort_keys=True))
+
+
+def read_identity(workdir: str) -> Optional[dict]:
+  """The identity recorded in `workdir`'s config.json (None when there is none)."""
+  path = storage.join(workdir, CONFIG_FILE)
+  if not storage.exists(path):
+    return None
+  return json.loads(storage.read_text(path)).get("identity", {})
 
 
 def _jsonable(x):

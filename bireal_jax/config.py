@@ -133,6 +133,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # Retries (backoff 5, 10, 20, ... s) of listing/restoring checkpoints after a passing storage
+  # error (network, timeout, HTTP 429/5xx); then the job stops, its checkpoints untouched.
+  c.storage_retries = 3
+  # The longest wait for an asynchronous checkpoint save before the job gives it up and stops
+  # (an unreachable bucket keeps TensorStore retrying for many minutes).
+  c.storage_timeout_s = 900.0
   c.log_every_steps = 50
   c.progress_bar = True
   c.tensorboard = True
@@ -270,6 +276,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: Optional[int] =
     _positive(c, "distill_temperature", float)
   _positive(c, "checkpoint_every_steps")
   _positive(c, "keep_checkpoints")
+  if not isinstance(c.storage_retries, int) or c.storage_retries < 0:
+    _fail("storage_retries", c.storage_retries, "an integer >= 0")
+  if not c.storage_timeout_s > 0:
+    _fail("storage_timeout_s", c.storage_timeout_s, "a positive number of seconds")
   _positive(c, "log_every_steps")
 
   if device_count is not None:

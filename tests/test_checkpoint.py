@@ -82,10 +82,12 @@ def test_resume_after_corrupt_latest_checkpoint_matches_uninterrupted_run(tmp_pa
   capsys.readouterr()
   result = train.train_and_evaluate(tiny_config(num_train_steps=16, lr_schedule="constant"), run)
   out = capsys.readouterr().out
-  assert "WARNING: checkpoint step 12" in out and "falling back to step 8" in out
+  assert "WARNING: checkpoint step 12" in out and "is damaged (ValueError: DATA_LOSS" in out
+  assert "falling back to step 8. Step 12 is left in place" in out
   assert "Resuming from checkpoint step 8" in out
+  assert "WARNING: checkpoint step 12 not saved: the damaged step 12 is still in" in out
   assert result["step"] == 16
-  assert os.listdir(os.path.join(run, "checkpoints_unreadable"))  # kept, out of the way
+  assert not os.path.exists(os.path.join(run, "checkpoints_unreadable"))  # nothing moved
   assert saved_steps(run) == [8, 12, 16]
   # Steps 9..16 were replayed from step 8 with the same data: bit-identical to no crash.
   assert_same_tree(load_state(run)["params"], load_state(ref)["params"])
