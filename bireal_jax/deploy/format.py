@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Union
 import jax
 import numpy as np
 
-from bireal_jax import models
+from bireal_jax import models, storage
 from bireal_jax.deploy.model import PackedModel, pack
 from bireal_jax.ops.bits import WORD_BITS
 
@@ -98,7 +98,8 @@ class Exported:
 def save(path: PathLike, model, variables: Optional[Mapping[str, Any]] = None, *,
          kind: Optional[str] = None, source: Optional[Mapping[str, Any]] = None,
          overwrite: bool = False) -> str:
-  """Write `model` to the directory `path`; returns its absolute path.
+  """Write `model` to the directory `path` (local, or a URL such as gs://bucket/model);
+  returns its absolute path or URL.
 
   `model` is a Linen `BiRealNet` with its `variables` ({'params', 'batch_stats'}), written as
   `kind="float"` (default) or packed on the way with `kind="packed"`; or a `PackedModel`
@@ -107,7 +108,7 @@ def save(path: PathLike, model, variables: Optional[Mapping[str, Any]] = None, *
   multi-host job (Orbax coordinates them); process 0 writes model.json, last, so a directory
   with a model.json is complete.
   """
-  path = os.path.abspath(os.fspath(path))
+  path = storage.join(path)
   if isinstance(model, PackedModel):
     if kind not in (None, "packed") or variables is not None:
       raise ValueError(f"a PackedModel is saved as kind='packed' without variables, got "
@@ -128,7 +129,7 @@ def save(path: PathLike, model, variables: Optional[Mapping[str, Any]] = None, *
       config = models.to_config(model)
       tree = {k: variables[k] for k in ("params", "batch_stats")}
   config = {**config, "axis_name": None}  # cross-device BN matters only for training
-  if os.path.exists(path) and os.listdir(path) and not overwrite:
+  if storage.listdir(path) and not overwrite:
     raise FileExistsError(f"export path {path!r} already exists; expected a new directory "
                           f"(or pass overwrite=True)")
   meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "model": config,
@@ -136,42 +137,39 @@ def save(path: PathLike, model, variables: Optional[Mapping[str, Any]] = None, *
   if kind == "packed":
     meta["packing"] = PACKING
   json.dumps(meta)  # fail on a source that is not JSON-able before anything is written
-  model_file = os.path.join(path, MODEL_FILE)
+  model_file = storage.path(storage.join(path, MODEL_FILE))
   chief = jax.process_index() == 0
-  if chief and os.path.exists(model_file):
-    os.remove(model_file)  # until the new variables are complete, the directory is no export
+  if chief and model_file.exists():
+    model_file.unlink()  # until the new variables are complete, the directory is no export
   import orbax.checkpoint as ocp
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, VARIABLES_DIR), jax.tree.map(np.asarray, tree), force=True)
+    ckptr.save(storage.path(storage.join(path, VARIABLES_DIR)), jax.tree.map(np.asarray, tree),
+               force=True)
     ckptr.wait_until_finished()
   if chief:
-    tmp = model_file + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(tmp, model_file)
+    storage.write_text(model_file, json.dumps(meta, indent=1, sort_keys=True))
   return path
 
 
 def _restore(directory: str):
   import orbax.checkpoint as ocp
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(directory)
+    return ckptr.restore(storage.path(directory))
 
 
 def load(path: PathLike) -> Exported:
   """Open any bireal_jax export: a training export, a converter's output or a packed model,
-  in this format or format version 1."""
-  path = os.path.abspath(os.fspath(path))
-  model_file = os.path.join(path, MODEL_FILE)
-  if not os.path.isfile(model_file):
-    if os.path.isfile(os.path.join(path, _V1_PACKED[2])):
+  in this format or format version 1; `path` is local or a URL (gs://...)."""
+  path = storage.join(path)
+  model_file = storage.join(path, MODEL_FILE)
+  if not storage.exists(model_file):
+    if storage.exists(storage.join(path, _V1_PACKED[2])):
       return _load_v1_packed(path)
-    found = sorted(os.listdir(path)) if os.path.isdir(path) else "no such directory"
+    found = storage.listdir(path) if storage.isdir(path) else "no such directory"
     raise FileNotFoundError(f"{path!r} is not a bireal_jax export: expected {MODEL_FILE} and "
                             f"{VARIABLES_DIR}/ (written by bireal_jax.deploy.save); found "
                             f"{found}")
-  with open(model_file) as f:
-    meta = json.load(f)
+  meta = json.loads(storage.read_text(model_file))
   fmt = meta.get("format")
   if fmt == FORMAT:
     version = meta.get("format_version")
@@ -180,18 +178,18 @@ def load(path: PathLike) -> Exported:
                        f"bireal_jax reads ({FORMAT_VERSION}); upgrade bireal_jax to load it")
     if meta.get("kind") == "packed":
       _check_packing(model_file, meta.get("packing", {}))
-    tree = _restore(os.path.join(path, VARIABLES_DIR))
+    tree = _restore(storage.join(path, VARIABLES_DIR))
     if meta.get("kind") == "packed":
       tree = jax.tree.map(np.asarray, tree)
     return Exported(meta.get("kind"), meta["model"], tree, meta.get("source"), path, version)
   if fmt == _V1_INFERENCE:
-    tree = _restore(os.path.join(path, VARIABLES_DIR))
+    tree = _restore(storage.join(path, VARIABLES_DIR))
     return Exported("float", meta["model"], {k: tree[k] for k in ("params", "batch_stats")},
                     {"kind": "training"}, path, 1)
-  if fmt is None and "model" in meta and os.path.isfile(os.path.join(path, _V1_MSGPACK)):
+  if fmt is None and "model" in meta and storage.exists(storage.join(path, _V1_MSGPACK)):
     from flax import serialization
-    with open(os.path.join(path, _V1_MSGPACK), "rb") as f:
-      tree = serialization.msgpack_restore(f.read())
+    tree = serialization.msgpack_restore(
+        storage.path(storage.join(path, _V1_MSGPACK)).read_bytes())
     source = {"kind": "converted", "from": meta.get("source"), "name": meta.get("name"),
               "overrides": meta.get("overrides")}
     return Exported("float", meta["model"], tree, source, path, 1)
@@ -206,22 +204,20 @@ def _check_packing(where: str, packing: Mapping[str, Any]):
 
 def _load_v1_packed(path: str) -> Exported:
   name, version, meta_file, config_file, params_dir = _V1_PACKED
-  with open(os.path.join(path, meta_file)) as f:
-    meta = json.load(f)
+  meta = json.loads(storage.read_text(storage.join(path, meta_file)))
   if meta.get("format") != name or meta.get("version") != version:
     raise ValueError(f"{path!r}: format {meta.get('format')!r} v{meta.get('version')!r}, "
                      f"expected {name!r} v{version} or {FORMAT!r} (a {MODEL_FILE})")
   _check_packing(path, meta)
-  try:
-    with open(os.path.join(path, config_file)) as f:
-      config = json.load(f)
-  except FileNotFoundError as e:
+  config_path = storage.join(path, config_file)
+  if not storage.exists(config_path):
     raise FileNotFoundError(f"{path!r} is not a complete packed export: missing "
-                            f"{e.filename}") from None
-  tree = jax.tree.map(np.asarray, _restore(os.path.join(path, params_dir)))
+                            f"{config_path}")
+  config = json.loads(storage.read_text(config_path))
+  tree = jax.tree.map(np.asarray, _restore(storage.join(path, params_dir)))
   return Exported("packed", config, tree, {"kind": "packed"}, path, 1)
 
 
 def directory_bytes(path: PathLike) -> int:
   """Total size of the files under `path` (what an export occupies on disk, by file size)."""
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+  return storage.size_of(path)

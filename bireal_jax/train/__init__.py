@@ -27,7 +27,7 @@ from bireal_jax.train.distill import distillation_loss, load_teacher
 from bireal_jax.train.loop import (TrainingDiverged, _identity, _Setup, evaluate,
                                    evaluate_checkpoint, train_and_evaluate)
 from bireal_jax.train.mapping import Mapping, prefetch
-from bireal_jax.train.metrics import MetricLog
+from bireal_jax.train.metrics import MetricLog, read_metrics
 from bireal_jax.train.steps import (AXIS, TrainState, create_model, create_train_state,
                                     eval_step, init_key, initialized, metric_sums, train_step)
 from bireal_jax.train.two_step import (bn_stats_step, init_from_checkpoint,
@@ -35,6 +35,6 @@ from bireal_jax.train.two_step import (bn_stats_step, init_from_checkpoint,
 
 __all__ = ["AXIS", "TrainState", "TrainingDiverged", "create_model", "initialized", "init_key",
            "create_train_state", "metric_sums", "train_step", "eval_step", "bn_stats_step",
-           "Mapping", "prefetch", "SyntheticData", "get_data", "MetricLog",
+           "Mapping", "prefetch", "SyntheticData", "get_data", "MetricLog", "read_metrics",
            "init_from_checkpoint", "reestimate_batch_stats", "distillation_loss",
            "load_teacher", "train_and_evaluate", "evaluate", "evaluate_checkpoint"]

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bireal_jax import checkpoint, models
+from bireal_jax import checkpoint, models, storage
 
 
 def distillation_loss(student_logits, teacher_logits, temperature: float):
@@ -29,13 +28,12 @@ def load_teacher(path: str, student_identity: dict):
   The teacher is rebuilt from the model description its run stored in `config.json`; it must
   see the same dataset, image shape and classes as the student.
   """
-  cfg_path = os.path.join(path, checkpoint.CONFIG_FILE)
-  if not os.path.isfile(cfg_path):
+  cfg_path = storage.join(path, checkpoint.CONFIG_FILE)
+  if not storage.exists(cfg_path):
     raise checkpoint.CheckpointError(
         f"config.distill_from={path!r}: expected the workdir of a training run (with "
         f"{checkpoint.CONFIG_FILE} and {checkpoint.CHECKPOINT_DIR}/), found no {cfg_path}")
-  with open(cfg_path) as f:
-    identity = json.load(f)["identity"]
+  identity = json.loads(storage.read_text(cfg_path))["identity"]
   for k in ("dataset", "image_shape", "num_classes"):
     if identity[k] != student_identity[k]:
       raise checkpoint.CheckpointError(
@@ -49,5 +47,5 @@ def load_teacher(path: str, student_identity: dict):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
                           dict(abstract))
   variables, _ = checkpoint.restore_subtrees(
-      os.path.join(path, checkpoint.CHECKPOINT_DIR), abstract)
+      storage.join(path, checkpoint.CHECKPOINT_DIR), abstract)
   return teacher, jax.tree.map(np.asarray, variables)

@@ -9,7 +9,6 @@ import collections
 import contextlib
 import functools
 import itertools
-import os
 import sys
 import time
 from typing import Optional
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bireal_jax import checkpoint, models, ops, optim
+from bireal_jax import checkpoint, models, ops, optim, storage
 from bireal_jax import config as config_lib
 from bireal_jax.train.data import get_data
 from bireal_jax.train.distill import load_teacher
@@ -67,29 +66,38 @@ class _Setup:
     self.mapping = Mapping(config.mapping)
     self.identity = _identity(config, self.model, self.info)
     self.is_chief = jax.process_index() == 0
+    self.check_lock = lambda: None  # raises once another job holds the workdir
 
   def new_state(self) -> TrainState:
     return create_train_state(self.config, self.model, self.image_shape, self.lr_fn)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=None,
+                       lock=None) -> dict:
   """Train (resuming from `workdir` if it holds checkpoints); returns the final eval metrics.
 
+  `workdir` is a local path or a URL (gs://...). `lock` (from `workdir_lock.acquire`) is
+  checked at every step: once another job holds the workdir, `WorkdirLockLost` stops the run.
   Returns {"preempted": True, "step": n} instead when SIGTERM stopped the run.
   """
   s = _Setup(config, workdir, data)
   checkpoint.check_workdir(workdir, s.identity, config.to_dict(), write=s.is_chief)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, checkpoint.CHECKPOINT_DIR),
+  ckpts = checkpoint.Checkpoints(storage.join(workdir, checkpoint.CHECKPOINT_DIR),
                                  keep=config.keep_checkpoints,
                                  every_steps=config.checkpoint_every_steps,
-                                 async_save=config.async_checkpointing)
+                                 async_save=config.async_checkpointing,
+                                 io_retries=config.storage_retries,
+                                 save_timeout_s=config.storage_timeout_s)
   mlog = MetricLog(workdir, s.is_chief, config.tensorboard)
+  s.check_lock = lock.check if lock is not None else (lambda: None)
   try:
     with _ops_setting(config):
       return _train(s, ckpts, mlog)
   finally:
-    ckpts.close()
-    mlog.close()
+    try:
+      ckpts.close()
+    finally:
+      mlog.close()
 
 
 def _ops_setting(config):
@@ -138,6 +146,7 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
 
   def save(step, pstate, force=False, **extra):
     nonlocal last_saved
+    s.check_lock()  # never write a workdir another job holds
     m = {"step": step, "epoch": step / spe, **extra}
     if ckpts.save(step, mapping.global_state(pstate), m, force=force):
       last_saved = step
@@ -197,6 +206,7 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
     train_iter = prefetch(train_iter, put, config.prefetch)
     with _Preemption(single_process=pc == 1) as preemption:
       while step < s.total_steps:
+        s.check_lock()
         batch = next(train_iter)
         pstate, metrics = p_train_step(pstate, batch, teacher)
         step += 1
@@ -242,12 +252,13 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
   if config.export_inference:
     from bireal_jax import deploy
     ckpts.wait()
+    s.check_lock()
     host = mapping.to_host(pstate)
-    deploy.save(os.path.join(s.workdir, "inference"), s.model,
-                {"params": host.params, "batch_stats": host.batch_stats},
+    export = storage.join(s.workdir, "inference")
+    deploy.save(export, s.model, {"params": host.params, "batch_stats": host.batch_stats},
                 source={"kind": "training", "workdir": s.workdir, "step": step,
                         "config": config.model}, overwrite=True)
-    _say(f"Exported inference checkpoint to {os.path.join(s.workdir, 'inference')}")
+    _say(f"Exported inference checkpoint to {export}")
   return {**ev, "step": step}
 
 
@@ -292,8 +303,8 @@ def _evaluate_checkpoint(config, workdir, data, split):
   checkpoint.check_workdir(workdir, s.identity, config.to_dict(), write=False)
   split = split or config.eval_split
   state = s.new_state()
-  directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  directory = storage.join(workdir, checkpoint.CHECKPOINT_DIR)
+  if not storage.isdir(directory):
     raise checkpoint.CheckpointError(f"no checkpoint in workdir {workdir!r}: expected "
                                      f"{directory}/<step>/ from a training run")
   variables, step = checkpoint.restore_subtrees(
@@ -301,7 +312,8 @@ def _evaluate_checkpoint(config, workdir, data, split):
   state = state.replace(**variables)
   p_eval_step = s.mapping.map(eval_step, batched=(False, True))
   ev = evaluate(config, s.data, s.mapping, p_eval_step, s.mapping.put_replicated(state), split)
-  MetricLog(workdir, s.is_chief, False).write(step, f"eval_only/{split}", _pct(ev))
+  with MetricLog(workdir, s.is_chief, False) as mlog:
+    mlog.write(step, f"eval_only/{split}", _pct(ev))
   _say(f"Evaluation of {workdir} (step {step}, {config.model}) on {split}, "
        f"{int(ev['count'])} images: top-1 {100 * ev['top1']:.2f}%, "
        f"top-5 {100 * ev['top5']:.2f}%, loss {ev['loss']:.4f}")
