@@ -14,9 +14,11 @@ functions here. The IR (NCHW inside, NHWC float32 images in, float32 logits out)
     binarised by such a FakeQuantize; `pad_value=0` excludes the padding from the sum, which is
     exactly zero padding of the signed input (what `ops/bits.py` computes).
   * `FakeQuantize(levels=2)` sends `x <= threshold` to its low level (−1 here). bireal_jax's sign
-    has sign(0) = +1, so the threshold is `SIGN_THRESHOLD`, the float32 just below 0: for every
-    float32 `x`, `x <= −2⁻¹⁴⁹ ⟺ x < 0` (−0.0 and 0 go to +1, as `x >= 0` does). With threshold 0,
-    exact zeros would flip to −1. Weights are saved uncompressed (fp16 would round it to −0).
+    has sign(0) = +1, so the threshold is `SIGN_THRESHOLD` = −2⁻¹²⁶, the negative normal float32
+    closest to 0: 0 and −0.0 go to +1 (threshold 0 would send them to −1), every normal x < 0 to
+    −1, and negative subnormals to +1, as in the JAX forward, whose XLA CPU code flushes them to
+    0 (`x >= 0` holds there); the same with or without the plugin's denormal flushing, and
+    exact in bf16 too. Weights are saved uncompressed (fp16 would round it to −0).
   * u1 weights are bit `i` of byte `i // 8` LSB-first over the OIHW order, 1 = +1
     (`np.packbits(..., bitorder="little")`; MSB-first gives wrong sums).
   * the model.json facts (`format.metadata`) are in the IR's rt_info under `RT_INFO_KEY`.
@@ -40,10 +42,13 @@ MIN_VERSION = "2026.4"
 IR_FILE = "model.xml"  # and model.bin beside it
 RT_INFO_KEY = "bireal_jax"
 PRECISIONS = ("f32", "bf16")
-SIGN_THRESHOLD = -np.float32(np.finfo(np.float32).smallest_subnormal)  # see the module docstring
+SIGN_THRESHOLD = -np.finfo(np.float32).tiny  # −2⁻¹²⁶: see the module docstring
 # The plugin's u1 binary conv: what `runtime_layer_types` reports for it.
 BINARY_LAYER_TYPE = "BinaryConvolution"
 GUARD_OUTPUT = "unfused_sums"
+# OpenVINO 2026.4's CPU BinaryConvolution is exact only for input channels a multiple of 8 (with
+# 12, 33 or 37 channels even an all-+1 kernel gave sums off by up to 18); Bi-Real widths are.
+CHANNEL_MULTIPLE = 8
 
 
 def require():
@@ -91,6 +96,35 @@ def _packed_and_metadata(path_or_model) -> tuple[PackedModel, dict]:
   return pm, meta
 
 
+def u1_weights(bits, in_channels: int, name: str = "kernel"):
+  """The OpenVINO u1 constant [O, C, kh, kw] of a packed kernel `bits[kh, kw, ceil(C/32), O]`
+  (`ops/bits.py`: bit 1 = −1) for `in_channels` = C: bit 1 = +1, LSB-first over OIHW."""
+  ov = require()
+  bits = np.asarray(bits, np.uint32)
+  kh, kw, nw, o = bits.shape
+  if -(-in_channels // WORD_BITS) != nw:
+    raise ValueError(f"{name}: input has {in_channels} channels but the packed kernel "
+                     f"{bits.shape} has {nw} words per tap")
+  neg = (bits[:, :, :, None, :] >> np.arange(WORD_BITS, dtype=np.uint32)[:, None]) & 1
+  plus = neg.reshape(kh, kw, nw * WORD_BITS, o)[:, :, :in_channels] == 0
+  packed = np.packbits(plus.transpose(3, 2, 0, 1).reshape(-1), bitorder="little")
+  t = ov.Tensor(ov.Type.u1, ov.Shape([o, in_channels, kh, kw]))
+  if t.data.size != packed.size:
+    raise RuntimeError(f"{name}: a u1 tensor of {o}x{in_channels}x{kh}x{kw} holds "
+                       f"{t.data.size} bytes, packed {packed.size}: this openvino lays out u1 "
+                       f"unlike {MIN_VERSION}")
+  t.data[:] = packed
+  return ov.op.Constant(t, shared_memory=False)
+
+
+def sign_bits(x, name: Optional[str] = None):
+  """`FakeQuantize(levels=2)` of `x` to {0, 1} = {−1, +1} with bireal_jax's sign (x >= 0 → +1),
+  the activation a `BinaryConvolution` runs its u1 kernel on."""
+  ov = require()
+  thr = np.float32(SIGN_THRESHOLD)
+  return ov.opset13.fake_quantize(x, thr, thr, np.float32(0), np.float32(1), 2, name=name)
+
+
 class _Builder:
   """Adds the nodes of the packed forward (`forward.py`'s walk of `models/plan.py`) in NCHW."""
 
@@ -121,24 +155,15 @@ class _Builder:
 
   def binary(self, x, e, stride, pad, name):
     ov, cin = self.ov, self.channels(x)
-    bits = np.asarray(e["bits"], np.uint32)
-    kh, kw, nw, o = bits.shape
-    if -(-cin // WORD_BITS) != nw:
-      raise ValueError(f"{name}: input has {cin} channels but the packed kernel {bits.shape} "
-                       f"has {nw} words per tap")
-    # stored bit 1 = −1 (ops/bits.py); u1 bit 1 = +1 (the FakeQuantize's high level)
-    neg = (bits[:, :, :, None, :] >> np.arange(WORD_BITS, dtype=np.uint32)[:, None]) & 1
-    plus = neg.reshape(kh, kw, nw * WORD_BITS, o)[:, :, :cin] == 0
-    packed = np.packbits(plus.transpose(3, 2, 0, 1).reshape(-1), bitorder="little")
-    t = ov.Tensor(ov.Type.u1, ov.Shape([o, cin, kh, kw]))
-    if t.data.size != packed.size:
-      raise RuntimeError(f"{name}: a u1 tensor of {o}x{cin}x{kh}x{kw} holds {t.data.size} bytes, "
-                         f"packed {packed.size}: this openvino lays out u1 unlike {MIN_VERSION}")
-    t.data[:] = packed
-    thr = np.float32(SIGN_THRESHOLD)
+    if cin % CHANNEL_MULTIPLE:
+      raise ValueError(f"cannot export to OpenVINO: binary conv {name} has {cin} input channels; "
+                       f"expected a multiple of {CHANNEL_MULTIPLE} (the CPU plugin's u1 "
+                       f"BinaryConvolution gives wrong sums otherwise; base_width a multiple "
+                       f"of {CHANNEL_MULTIPLE} avoids it)")
+    weights = u1_weights(e["bits"], cin, name)
     self.signed.append(x)
-    xb = self.op.fake_quantize(x, thr, thr, np.float32(0), np.float32(1), 2, name=f"{name}/sign")
-    y = ov.opset1.binary_convolution(xb, ov.op.Constant(t, shared_memory=False), [stride] * 2,
+    xb = sign_bits(x, f"{name}/sign")
+    y = ov.opset1.binary_convolution(xb, weights, [stride] * 2,
                                      [pad] * 2, [pad] * 2, [1, 1], "xnor-popcount", 0.0,
                                      name=name)
     self.binary_convs += 1
@@ -246,8 +271,8 @@ def export_openvino(path_or_model: Union[str, os.PathLike, Any], out_dir: Union[
 
   `path_or_model`: an export directory (any `deploy.load` opens: float or packed), an `Exported`
   or a `PackedModel`. Refuses (ValueError, with the reason) a model the IR cannot compute
-  exactly: non-binary activations or weights, padding other than "torch". Returns the path of
-  model.xml.
+  exactly: non-binary activations or weights, padding other than "torch", binary convs whose
+  input channels are not a multiple of `CHANNEL_MULTIPLE`. Returns the path of model.xml.
   """
   ov = require()
   pm, meta = _packed_and_metadata(path_or_model)
@@ -280,9 +305,7 @@ def compile_config(precision: str = "f32", profile: bool = False) -> dict:
   timings when `profile` (PERF_COUNT)."""
   if precision not in PRECISIONS:
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-  # Denormals kept (the plugin's default made explicit): flushed, SIGN_THRESHOLD would read as 0.
-  return {"INFERENCE_PRECISION_HINT": precision, "PERF_COUNT": bool(profile),
-          "CPU_DENORMALS_OPTIMIZATION": False}
+  return {"INFERENCE_PRECISION_HINT": precision, "PERF_COUNT": bool(profile)}
 
 
 def runtime_layer_types(compiled) -> list[str]:
