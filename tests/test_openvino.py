@@ -102,13 +102,17 @@ def test_sign_and_u1_weights_match_the_exact_binary_conv():
 
 
 @needs_ov
-@pytest.mark.parametrize("name,stem,size", [("bireal18", "small", 32),
-                                            ("bireal18", "imagenet", 64),
-                                            ("bireal50", "small", 32),
-                                            ("bireal50", "imagenet", 63)])  # odd: edge pools
-def test_openvino_logits_equal_xor(name, stem, size):
+@pytest.mark.parametrize("name,stem,size,kw", [
+    ("bireal18", "small", 32, {}),
+    ("bireal18", "imagenet", 64, {}),
+    ("bireal50", "small", 32, {}),
+    ("bireal50", "imagenet", 63, {}),  # odd sizes: edge windows of the avg-pools
+    ("bireal18", "small", 32, {"shortcut": "resnet", "stage_sizes": (1, 2, 3, 2)}),
+    ("bireal18", "small", 32, {"shortcut": "none"}),
+])
+def test_openvino_logits_equal_xor(name, stem, size, kw):
   from bireal_jax.deploy import openvino as dov
-  model, variables = _model_and_vars(name, size, stem=stem)
+  model, variables = _model_and_vars(name, size, stem=stem, **kw)
   pm = deploy.pack(model, variables)
   x = _images(3, size)
   want = np.asarray(pm(x, impl="xor"))
