@@ -1,6 +1,7 @@
 """Benchmark packed Bi-Real inference against float emulation: latency (batch 1), img/s (batch N).
 
   .venv/bin/python experiments/bench_packed.py --model bireal18 --size 224 --batch 1 32 --rounds 7
+  .venv/bin/python experiments/bench_packed.py --variants xor openvino openvino/bf16 --ov_profile
 
 Variables are random (speed does not depend on their values). Every variant runs the same images;
 its top-1 is compared with the first variant (the float Flax model) and its max |Δlogit| printed.
@@ -18,7 +19,10 @@ call (`PackedModel.__call__`) with impl in deploy.IMPLS, micro-batch M for the s
 stages, K concurrent streams (defaults: deploy.default_micro_batch(),
 deploy.default_stage_micro_batch(), deploy.default_streams()); "IMPL/mbM/vwN" or
 "IMPL/mball" jit `deploy.forward` directly in one stream, with XLA's CPU vector width N bits
-(default deploy.compiler_options(), i.e. 512) or the whole batch at once.
+(default deploy.compiler_options(), i.e. 512) or the whole batch at once. "openvino" and
+"openvino/bf16" run the model's OpenVINO IR on the CPU plugin (`impl="openvino"`, f32 or bf16
+inference precision; needs bireal_jax[openvino]); `--ov_profile` then also prints the plugin's
+per-layer profile (PERF_COUNT) of each batch, summed by layer type (median over the rounds).
 """
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ def main():
                   default=["float_model", "float_model/mb2", "float/mb2", "int8/mb2", "xor/mb2"],
                   help="float_model[/mbM] or IMPL/mbM with M an int or 'all'")
   ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--ov_profile", action="store_true",
+                  help="print OpenVINO's per-layer-type times for the openvino variants")
   args = ap.parse_args()
 
   print(f"jax {jax.__version__} jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}"
@@ -106,6 +112,9 @@ def main():
     vw = next((int(o[2:]) for o in opts if o.startswith("vw")), None)
     if name == "float_model":
       fns[v] = float_model(mb)
+    elif name == deploy.OPENVINO:
+      precision = "bf16" if "bf16" in opts else "f32"
+      fns[v] = functools.partial(pm, impl=name, precision=precision)
     elif vw or (mb is None and any(o == "mball" for o in opts)):
       # the packed forward jitted as PackedModel.__call__ does it, but with /vwN's CPU vector
       # width or the whole batch at once (/mball), in one stream
@@ -147,6 +156,16 @@ def main():
             f"{best * 1e3:8.2f} ms ({b / best:7.1f} img/s)  {b / c:7.1f} img/CPU-s  top-1 = ref: "
             f"{np.array_equal(outs[v].argmax(-1), ref.argmax(-1))}  max|Δlogit| "
             f"{np.max(np.abs(outs[v] - ref)):.1e}", flush=True)
+    if args.ov_profile:
+      for v in fns:
+        if v.split("/")[0] != deploy.OPENVINO:
+          continue
+        prof = pm.openvino().profile(x, "bf16" if "bf16" in v else "f32", args.rounds)
+        total = sum(ms for ms, _ in prof.values())
+        print(f"  {v} per-layer profile, batch {b} (PERF_COUNT, median of {args.rounds} calls; "
+              f"sum {total:.2f} ms):")
+        for kind, (ms, k) in prof.items():
+          print(f"    {kind:20s} {ms:8.3f} ms  {100 * ms / total:5.1f}%  {k:3d} layers", flush=True)
 
 if __name__ == "__main__":
   main()
