@@ -20,14 +20,16 @@ One file per job:
 from bireal_jax.deploy.fold import fold_bn, pack_tree
 from bireal_jax.deploy.format import (FORMAT, FORMAT_VERSION, KINDS, Exported, directory_bytes,
                                       load, metadata, save)
-from bireal_jax.deploy.forward import IMPLS, default_impl, forward, runtime_params
+from bireal_jax.deploy.forward import (IMPLS, default_impl, forward, forward_pieces,
+                                       runtime_params)
 from bireal_jax.deploy.model import CALL_IMPLS, OPENVINO, PackedModel, pack
 from bireal_jax.deploy.runtime import (compiler_options, default_micro_batch,
                                        default_stage_micro_batch, default_streams,
                                        split_streams)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "IMPLS", "CALL_IMPLS", "OPENVINO", "Exported",
-           "PackedModel", "save", "load", "metadata", "pack", "export_openvino", "forward", "runtime_params", "default_impl", "default_micro_batch",
+           "PackedModel", "save", "load", "metadata", "pack", "export_openvino", "forward",
+           "forward_pieces", "runtime_params", "default_impl", "default_micro_batch",
            "default_stage_micro_batch", "default_streams", "split_streams", "compiler_options",
            "directory_bytes", "fold_bn", "pack_tree"]
 

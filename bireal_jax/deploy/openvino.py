@@ -362,9 +362,10 @@ class Runner:
     req.infer({0: x}, share_inputs=True)
     return req.get_output_tensor(0).data.copy()
 
-  def profile(self, images, precision: str = "f32", repeats: int = 1) -> dict:
-    """Per-layer-type times of a call (PERF_COUNT), summed over the layers of each type; the
-    median over `repeats` calls: {layer type: (ms, executed layers)}, slowest first."""
+  def profile(self, images, precision: str = "f32", repeats: int = 1, group=None) -> dict:
+    """Per-layer times of a call (PERF_COUNT) summed by layer type (or by `group(node_name,
+    layer_type)`), the median over `repeats` calls: {group: (ms, executed layers)}, slowest
+    first."""
     import statistics
     runs: dict = {}
     for _ in range(repeats):
@@ -374,8 +375,9 @@ class Runner:
       for info in req.get_profiling_info():
         if info.status != info.Status.EXECUTED:
           continue
-        ms, k = sums.get(info.node_type, (0.0, 0))
-        sums[info.node_type] = (ms + info.real_time.total_seconds() * 1e3, k + 1)
+        g = group(info.node_name, info.node_type) if group else info.node_type
+        ms, k = sums.get(g, (0.0, 0))
+        sums[g] = (ms + info.real_time.total_seconds() * 1e3, k + 1)
       for t, v in sums.items():
         runs.setdefault(t, []).append(v)
     out = {t: (statistics.median(ms for ms, _ in v), v[0][1]) for t, v in runs.items()}
