@@ -50,7 +50,7 @@ SIGN_THRESHOLD = -np.finfo(np.float32).tiny  # −2⁻¹²⁶: see the module do
 BINARY_LAYER_TYPE = "BinaryConvolution"
 GUARD_OUTPUT = "unfused_sums"
 # OpenVINO 2026.4's CPU BinaryConvolution is exact only for input channels a multiple of 8 (with
-# 12, 33 or 37 channels even an all-+1 kernel gave sums off by up to 18); Bi-Real widths are.
+# 12, 33 or 37 channels even an all-+1 kernel gave sums off by up to 32); Bi-Real widths are.
 CHANNEL_MULTIPLE = 8
 
 
@@ -254,7 +254,7 @@ def build(pm: PackedModel, metadata: Optional[Mapping[str, Any]] = None):
   outputs = [logits]
   # OpenVINO 2026.4's CPU plugin fuses `BinaryConvolution → Add(residual) → sign FakeQuantize`
   # into one node when the sum has no other consumer, and that fused node computes wrong sums
-  # (max |ΔD| 16 on a 16-channel test; bf16 fails to compile). Such a sum (Bi-Real-50/152's last
+  # (max |ΔD| 18 on a 16-channel test; bf16 fails to compile). Such a sum (Bi-Real-50/152's last
   # block's out2) gets a second consumer, a max reduced to one number in output 1, so that it
   # stays a separate float tensor as every other residual sum is.
   lone = [x for x in b.signed if _is_residual_sum(x) and len(x.output(0).get_target_inputs()) == 1]
