@@ -94,7 +94,6 @@ def _packed_and_metadata(path_or_model) -> tuple[PackedModel, dict]:
     check_exportable(exp.config)  # before packing, so a float model's refusal names the IR
     pm = exp.packed()
     meta = fmt.metadata(exp.kind, exp.config, exp.source)
-  check_exportable(pm.config)
   meta["model"]["axis_name"] = None
   return pm, meta
 
