@@ -77,7 +77,7 @@ def ov_stage(config):
 
 
 def time_pieces(pm, impl, x, rounds):
-  """{piece: median ms} of `deploy.forward_pieces` jitted one by one, timed in interleaved rounds."""
+  """{piece: median ms} of `deploy.forward_pieces`, each jitted alone, in interleaved rounds."""
   rp = pm.runtime_params(impl)
   fns, inputs, state = [], [], x
   for name, f in deploy.forward_pieces(pm.config, impl):
@@ -217,8 +217,9 @@ def main():
                                        ov_stage(pm.config))
           cols[v] = {g: ms for g, (ms, _) in prof.items()}
       rows = list(dict.fromkeys(r for c in cols.values() for r in c))
-      order = ["stem"] + [f"stage{s + 1}" for s in range(len(pm.config["stage_sizes"]))]
-      rows = [r for r in order + ["head"] if r in rows] + [r for r in rows if r not in order + ["head"]]
+      order = (["stem"] + [f"stage{s + 1}" for s in range(len(pm.config["stage_sizes"]))]
+               + ["head"])
+      rows = [r for r in order if r in rows] + [r for r in rows if r not in order]
       print(f"  stage profile, batch {b} (ms, median of {args.rounds}; JAX: each stage jitted "
             f"alone; OpenVINO: PERF_COUNT summed by stage)")
       print("    " + f"{'':8s}" + "".join(f"{c:>16s}" for c in cols))
