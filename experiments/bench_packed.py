@@ -1,6 +1,7 @@
 """Benchmark packed Bi-Real inference against float emulation: latency (batch 1), img/s (batch N).
 
   .venv/bin/python experiments/bench_packed.py --model bireal18 --size 224 --batch 1 32 --rounds 7
+  .venv/bin/python experiments/bench_packed.py --variants xor openvino openvino/bf16 --ov_profile
 
 Variables are random (speed does not depend on their values). Every variant runs the same images;
 its top-1 is compared with the first variant (the float Flax model) and its max |Δlogit| printed.
@@ -18,7 +19,13 @@ call (`PackedModel.__call__`) with impl in deploy.IMPLS, micro-batch M for the s
 stages, K concurrent streams (defaults: deploy.default_micro_batch(),
 deploy.default_stage_micro_batch(), deploy.default_streams()); "IMPL/mbM/vwN" or
 "IMPL/mball" jit `deploy.forward` directly in one stream, with XLA's CPU vector width N bits
-(default deploy.compiler_options(), i.e. 512) or the whole batch at once.
+(default deploy.compiler_options(), i.e. 512) or the whole batch at once. "openvino" and
+"openvino/bf16" run the model's OpenVINO IR on the CPU plugin (`impl="openvino"`, f32 or bf16
+inference precision; needs bireal_jax[openvino]); `--ov_profile` then also prints the plugin's
+per-layer profile (PERF_COUNT) of each batch, summed by layer type (median over the rounds).
+`--stage_profile` times the JAX impls' forward stage by stage (`deploy.forward_pieces`, each
+piece jitted alone, whole batch, one stream, interleaved rounds) beside OpenVINO's profile
+summed by stage.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import argparse
 import functools
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -52,6 +60,40 @@ def random_variables(model, size, seed=0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def ov_stage(config):
+  """Group OpenVINO profile rows by stage: node names are bireal_jax's (deploy/openvino.py)."""
+  bounds = [sum(config["stage_sizes"][:s + 1]) for s in range(len(config["stage_sizes"]))]
+
+  def group(name, _):
+    m = re.match(r"(stem|pool|fc|logits)|layer(\d+)_|layers_(\d+)/", name)
+    if not m:
+      return "other"
+    if m.group(1):
+      return "stem" if m.group(1) == "stem" else "head"
+    if m.group(2):
+      return f"stage{m.group(2)}"
+    return f"stage{next(s for s, b in enumerate(bounds) if int(m.group(3)) < b) + 1}"
+  return group
+
+
+def time_pieces(pm, impl, x, rounds):
+  """{piece: median ms} of `deploy.forward_pieces`, each jitted alone, in interleaved rounds."""
+  rp = pm.runtime_params(impl)
+  fns, inputs, state = [], [], x
+  for name, f in deploy.forward_pieces(pm.config, impl):
+    fn = jax.jit(f, compiler_options=deploy.compiler_options() or None)
+    inputs.append(state)
+    state = jax.block_until_ready(fn(rp, state))  # compile + warm-up
+    fns.append((name, fn))
+  ts = {name: [] for name, _ in fns}
+  for _ in range(rounds):
+    for (name, fn), inp in zip(fns, inputs):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(rp, inp))
+      ts[name].append(time.perf_counter() - t)
+  return {name: statistics.median(v) * 1e3 for name, v in ts.items()}
+
+
 def _mb(s):
   return None if s == "all" else int(s)
 
@@ -65,6 +107,10 @@ def main():
                   default=["float_model", "float_model/mb2", "float/mb2", "int8/mb2", "xor/mb2"],
                   help="float_model[/mbM] or IMPL/mbM with M an int or 'all'")
   ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--ov_profile", action="store_true",
+                  help="print OpenVINO's per-layer-type times for the openvino variants")
+  ap.add_argument("--stage_profile", action="store_true",
+                  help="time the JAX impls' stages one by one beside OpenVINO's by stage")
   args = ap.parse_args()
 
   print(f"jax {jax.__version__} jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}"
@@ -106,6 +152,9 @@ def main():
     vw = next((int(o[2:]) for o in opts if o.startswith("vw")), None)
     if name == "float_model":
       fns[v] = float_model(mb)
+    elif name == deploy.OPENVINO:
+      precision = "bf16" if "bf16" in opts else "f32"
+      fns[v] = functools.partial(pm, impl=name, precision=precision)
     elif vw or (mb is None and any(o == "mball" for o in opts)):
       # the packed forward jitted as PackedModel.__call__ does it, but with /vwN's CPU vector
       # width or the whole batch at once (/mball), in one stream
@@ -147,6 +196,37 @@ def main():
             f"{best * 1e3:8.2f} ms ({b / best:7.1f} img/s)  {b / c:7.1f} img/CPU-s  top-1 = ref: "
             f"{np.array_equal(outs[v].argmax(-1), ref.argmax(-1))}  max|Δlogit| "
             f"{np.max(np.abs(outs[v] - ref)):.1e}", flush=True)
+    if args.ov_profile:
+      for v in fns:
+        if v.split("/")[0] != deploy.OPENVINO:
+          continue
+        prof = pm.openvino().profile(x, "bf16" if "bf16" in v else "f32", args.rounds)
+        total = sum(ms for ms, _ in prof.values())
+        print(f"  {v} per-layer profile, batch {b} (PERF_COUNT, median of {args.rounds} calls; "
+              f"sum {total:.2f} ms):")
+        for kind, (ms, k) in prof.items():
+          print(f"    {kind:20s} {ms:8.3f} ms  {100 * ms / total:5.1f}%  {k:3d} layers", flush=True)
+    if args.stage_profile:
+      cols = {}
+      for v in fns:
+        name = v.split("/")[0]
+        if name in deploy.IMPLS and name not in cols:
+          cols[name] = time_pieces(pm, name, x, args.rounds)
+        elif name == deploy.OPENVINO and v not in cols:
+          prof = pm.openvino().profile(x, "bf16" if "bf16" in v else "f32", args.rounds,
+                                       ov_stage(pm.config))
+          cols[v] = {g: ms for g, (ms, _) in prof.items()}
+      rows = list(dict.fromkeys(r for c in cols.values() for r in c))
+      order = (["stem"] + [f"stage{s + 1}" for s in range(len(pm.config["stage_sizes"]))]
+               + ["head"])
+      rows = [r for r in order if r in rows] + [r for r in rows if r not in order]
+      print(f"  stage profile, batch {b} (ms, median of {args.rounds}; JAX: each stage jitted "
+            f"alone; OpenVINO: PERF_COUNT summed by stage)")
+      print("    " + f"{'':8s}" + "".join(f"{c:>16s}" for c in cols))
+      for r in rows + ["sum"]:
+        vals = [sum(c.values()) if r == "sum" else c.get(r) for c in cols.values()]
+        print("    " + f"{r:8s}" + "".join(f"{'-' if v is None else f'{v:.3f}':>16s}"
+                                         for v in vals), flush=True)
 
 if __name__ == "__main__":
   main()

@@ -284,6 +284,25 @@ def test_stage_micro_batches_with_remainders_match_one_batch():
     deploy.forward(pm.config, rp, x, "xor", 2, 0)
 
 
+@pytest.mark.parametrize("name,kw", [("bireal18", dict(stem="small", stage_sizes=(1, 2, 1, 1))),
+                                     ("bireal18", dict(stem="small", shortcut="resnet",
+                                                       stage_sizes=(1, 2, 3, 2))),
+                                     ("bireal50", dict(stem="imagenet", stage_sizes=(1, 2, 1, 1)))])
+def test_forward_pieces_compose_to_forward(name, kw):
+  """The stage-by-stage cut used for profiling computes the same logits, stage names in order."""
+  model, variables = _model_and_vars(name, 32, **kw)
+  pm = deploy.pack(model, variables)
+  rp = pm.runtime_params("xor")
+  x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+  pieces = deploy.forward_pieces(pm.config, "xor")
+  assert [n for n, _ in pieces] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
+  state = x
+  for _, f in pieces:
+    state = f(rp, state)
+  np.testing.assert_array_equal(np.asarray(state),
+                                np.asarray(deploy.forward(pm.config, rp, x, "xor")))
+
+
 def test_folded_affine_formula():
   """s = γ·α/√(σ²+ε), b = β − μ·γ/√(σ²+ε) for one binary conv of a packed model."""
   model, variables = _model_and_vars("bireal18", 13, stem="small", stage_sizes=(1, 1, 1, 1))

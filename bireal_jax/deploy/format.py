@@ -77,9 +77,12 @@ class Exported:
         self._packed[impl] = pack(self.model, self.variables, impl)
     return self._packed[impl]
 
-  def __call__(self, images) -> jax.Array:
-    if self.kind == "packed":
-      return self.packed()(images)
+  def __call__(self, images, impl: Optional[str] = None, **options) -> jax.Array:
+    """Eval-mode logits. A float export runs its Flax model unless `impl` is given; with `impl`
+    (any of `model.CALL_IMPLS`, e.g. "openvino") or for a packed export, the `PackedModel` runs
+    (`options` as `PackedModel.__call__`'s)."""
+    if self.kind == "packed" or impl is not None or options:
+      return self.packed()(images, impl=impl, **options)
     if self._apply is None:
       self._apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
     return self._apply(self.variables, images)
@@ -93,6 +96,17 @@ class Exported:
   def __repr__(self):
     return (f"Exported(kind={self.kind!r}, path={self.path!r}, format_version="
             f"{self.format_version}, source={self.source!r})")
+
+
+def metadata(kind: str, config: Mapping[str, Any],
+             source: Optional[Mapping[str, Any]] = None) -> dict:
+  """What model.json holds for a `kind` export of the model `config` (also written into other
+  formats' metadata, e.g. the OpenVINO IR's rt_info)."""
+  meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "model": dict(config),
+          "source": dict(source or {})}
+  if kind == "packed":
+    meta["packing"] = PACKING
+  return meta
 
 
 def save(path: PathLike, model, variables: Optional[Mapping[str, Any]] = None, *,
@@ -132,10 +146,7 @@ def save(path: PathLike, model, variables: Optional[Mapping[str, Any]] = None, *
   if storage.listdir(path) and not overwrite:
     raise FileExistsError(f"export path {path!r} already exists; expected a new directory "
                           f"(or pass overwrite=True)")
-  meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "model": config,
-          "source": dict(source or {})}
-  if kind == "packed":
-    meta["packing"] = PACKING
+  meta = metadata(kind, config, source)
   json.dumps(meta)  # fail on a source that is not JSON-able before anything is written
   model_file = storage.path(storage.join(path, MODEL_FILE))
   chief = jax.process_index() == 0

@@ -18,6 +18,7 @@ model itself between batch sizes.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -75,40 +76,48 @@ def _downsample(e, x, stride):
   return _real(e, x, 1, 0)
 
 
+def _basic_unit(p, u, x, impl):
+  e = p[u.names[0]]
+  if u.kind == "bireal":
+    y = _binary(e, x, u.stride, 1, impl)
+    return y + (_downsample(e[u.downsample_name], x, u.stride) if u.downsample else x)
+  if u.kind == "pair":
+    inp = x
+    x = _binary(e, x, u.stride, 1, impl)
+    x = _binary(p[u.names[1]], x, 1, 1, impl)
+    if u.downsample:
+      inp = _downsample(p[u.downsample_name], inp, u.stride)
+    return x + inp
+  return _binary(e, x, u.stride, 1, impl)
+
+
+def _bottleneck_unit(p, u, x1, x2, impl):
+  """One `BiRealBottleneck`: (x1, x2) -> (x1, x2) (x1 = the inner shortcut, x2 the block's)."""
+  e = p[u.name]
+  if u.is_first:
+    out1 = _real(e["conv1"], quantizers.leaky_clip(x2), 1, 0)
+  else:
+    out1 = _binary(e["conv1"], x2, 1, 0, impl)
+    if u.is_downsample:
+      x1 = _real(e["down_conv1x1"], x1, 1, 0)
+    out1 = out1 + x1
+  out2 = _binary(e["conv2"], out1, u.stride, 1, impl)
+  out2 = out2 + (_avg_pool(out1, 2) if u.is_downsample and u.stride == 2 else out1)
+  out3 = _binary(e["conv3"], out2, 1, 0, impl)
+  outer = _downsample(e["downsample"], x2, u.stride) if u.is_downsample else x2
+  return out2, out3 + outer
+
+
 def _basic_stages(cfg, p, x, impl):
   for u in plan.basic_plan(cfg["stage_sizes"], cfg["base_width"], cfg["shortcut"]):
-    e = p[u.names[0]]
-    if u.kind == "bireal":
-      y = _binary(e, x, u.stride, 1, impl)
-      x = y + (_downsample(e[u.downsample_name], x, u.stride) if u.downsample else x)
-    elif u.kind == "pair":
-      inp = x
-      x = _binary(e, x, u.stride, 1, impl)
-      x = _binary(p[u.names[1]], x, 1, 1, impl)
-      if u.downsample:
-        inp = _downsample(p[u.downsample_name], inp, u.stride)
-      x = x + inp
-    else:
-      x = _binary(e, x, u.stride, 1, impl)
+    x = _basic_unit(p, u, x, impl)
   return x
 
 
 def _bottleneck_stages(cfg, p, x, impl):
   x1 = x2 = x
   for u in plan.bottleneck_plan(cfg["stage_sizes"], cfg["base_width"]):
-    e = p[u.name]
-    if u.is_first:
-      out1 = _real(e["conv1"], quantizers.leaky_clip(x2), 1, 0)
-    else:
-      out1 = _binary(e["conv1"], x2, 1, 0, impl)
-      if u.is_downsample:
-        x1 = _real(e["down_conv1x1"], x1, 1, 0)
-      out1 = out1 + x1
-    out2 = _binary(e["conv2"], out1, u.stride, 1, impl)
-    out2 = out2 + (_avg_pool(out1, 2) if u.is_downsample and u.stride == 2 else out1)
-    out3 = _binary(e["conv3"], out2, 1, 0, impl)
-    outer = _downsample(e["downsample"], x2, u.stride) if u.is_downsample else x2
-    x1, x2 = out2, out3 + outer
+    x1, x2 = _bottleneck_unit(p, u, x1, x2, impl)
   return x2
 
 
@@ -125,8 +134,41 @@ def _stages_and_head(config, params, x, impl):
     x = _basic_stages(config, params, x, impl)
   else:
     x = _bottleneck_stages(config, params, x, impl)
+  return _head(params, x)
+
+
+def _head(params, x):
   x = jnp.mean(x, axis=(1, 2))
   return x @ params["fc"]["kernel"] + params["fc"]["bias"]
+
+
+def forward_pieces(config: Mapping[str, Any], impl: str = "xor") -> list:
+  """The forward cut at stage boundaries, for timing it stage by stage (experiments/
+  bench_packed.py --stage_profile): `[("stem", f), ("stage1", f), ..., ("head", f)]`, each
+  `f(params, state) -> state` with `params` as `forward` takes them; the first takes the images,
+  the last gives the logits, and composed in order they compute `forward(config, params, images,
+  impl)` (whole batch, no micro-batches)."""
+  check_impl(impl)
+  out = [("stem", lambda p, x: _stem(config, p, x))]
+  bounds = [sum(config["stage_sizes"][:s + 1]) for s in range(len(config["stage_sizes"]))]
+  if config["block"] == "basic":
+    units = plan.basic_plan(config["stage_sizes"], config["base_width"], config["shortcut"])
+    for s in range(len(bounds)):
+      mine = [u for u in units if u.names[0].startswith(f"layer{s + 1}_")]
+      out.append((f"stage{s + 1}", lambda p, x, mine=mine: functools.reduce(
+          lambda h, u: _basic_unit(p, u, h, impl), mine, x)))
+    out.append(("head", _head))
+  else:
+    units = plan.bottleneck_plan(config["stage_sizes"], config["base_width"])
+    for s, (lo, hi) in enumerate(zip([0] + bounds[:-1], bounds)):
+      def stage(p, state, mine=units[lo:hi]):
+        x1, x2 = state if isinstance(state, tuple) else (state, state)
+        for u in mine:
+          x1, x2 = _bottleneck_unit(p, u, x1, x2, impl)
+        return x1, x2
+      out.append((f"stage{s + 1}", stage))
+    out.append(("head", lambda p, state: _head(p, state[1])))
+  return out
 
 
 def _forward_batch(config, params, images, impl):
