@@ -207,8 +207,8 @@ def test_packed_export_writes_the_same_ir_logits(tmp_path):
 @needs_ov
 @pytest.mark.parametrize("name,overrides,reason", [
     ("bireal18_real", {}, "cannot export to OpenVINO: cannot pack activation='hardtanh'"),
-    ("bireal18", {"padding": "same"}, "cannot export to OpenVINO: padding='same'; expected "
-                                      "'torch'"),
+    ("bireal18", {"padding": "same"}, "cannot export to OpenVINO: cannot pack padding='same': "
+                                      "expected 'torch'"),
     ("bireal18", {"base_width": 12}, "cannot export to OpenVINO: binary conv layer1_0 has 12 "
                                      "input channels; expected a multiple of 8"),
 ])

@@ -319,7 +319,9 @@ def test_folded_affine_formula():
 
 def test_pack_rejects_non_binary_models():
   for name, kw, match in [("bireal18_real", {}, "activation='hardtanh'"),
-                          ("bireal18", dict(kernel_quantizer=None), "kernel_quantizer=None")]:
+                          ("bireal18", dict(kernel_quantizer=None), "kernel_quantizer=None"),
+                          # larq-zoo's one-sided "same" padding: packing would change logits
+                          ("bireal18", dict(padding="same"), "cannot pack padding='same'")]:
     model, variables = _model_and_vars(name, 13, stem="small", stage_sizes=(1, 1, 1, 1), **kw)
     with pytest.raises(ValueError, match=match):
       deploy.pack(model, variables)

@@ -57,6 +57,11 @@ def check_packable(model) -> dict:
     raise ValueError(f"cannot pack block={cfg['block']!r}: expected one of {BLOCKS}")
   if cfg["stem"] not in STEMS:
     raise ValueError(f"cannot pack stem={cfg['stem']!r}: expected one of {STEMS}")
+  if cfg.get("padding", "torch") != "torch":
+    # The packed forward pads every conv symmetrically, as the official model; "same" pads
+    # stride-2 convs on one side only (larq-zoo weights), which would give other logits.
+    raise ValueError(f"cannot pack padding={cfg['padding']!r}: expected 'torch' (symmetric "
+                     f"padding, the only layout the packed forward computes)")
   return cfg
 
 

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from bireal_jax import models
+from bireal_jax import models, storage
 from bireal_jax.deploy import fold
 from bireal_jax.deploy.model import PackedModel
 from bireal_jax.models import plan
@@ -67,16 +67,10 @@ def require():
 
 def check_exportable(config: Mapping[str, Any]) -> None:
   """Raise ValueError where the IR could not compute the model `config` exactly."""
-  try:
+  try:  # the IR is built from the packed tree: what cannot be packed cannot be exported
     fold.check_packable(models.from_config(dict(config)))
   except ValueError as e:
     raise ValueError(f"cannot export to OpenVINO: {e}") from None
-  padding = config.get("padding", "torch")
-  if padding != "torch":
-    # The packed format (and so this IR) pads every conv symmetrically as the official model
-    # does; "same" pads stride-2 layers on one side only, which the packed tree does not record.
-    raise ValueError(f"cannot export to OpenVINO: padding={padding!r}; expected 'torch' "
-                     f"(symmetric padding, the only layout the packed format computes)")
 
 
 def _packed_and_metadata(path_or_model) -> tuple[PackedModel, dict]:
@@ -283,6 +277,9 @@ def export_openvino(path_or_model: Union[str, os.PathLike, Any], out_dir: Union[
   """
   ov = require()
   pm, meta = _packed_and_metadata(path_or_model)
+  if storage.is_url(out_dir):
+    raise ValueError(f"out_dir={os.fspath(out_dir)!r}: OpenVINO writes its IR to a local "
+                     f"directory; expected a local path (copy it to the bucket afterwards)")
   out_dir = os.path.abspath(os.fspath(out_dir))
   xml = os.path.join(out_dir, IR_FILE)
   if os.path.exists(xml) and not overwrite:
