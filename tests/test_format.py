@@ -179,3 +179,34 @@ def test_format_errors_say_what_was_expected(tmp_path):
   with pytest.raises(TypeError):  # a source that is not JSON-able fails before writing
     deploy.save(tmp_path / "s", model, variables, source={"step": object()})
   assert not (tmp_path / "s").exists()
+
+
+def test_load_of_a_broken_export_is_one_clear_error_without_noise_at_exit(tmp_path):
+  """model.json that is not JSON, and an export whose weight data is gone: one error naming the
+  file and what was expected, and no 'Event loop is closed' tracebacks when the process ends."""
+  model, variables = _model_and_variables()
+  for name in ("bad_json", "no_data"):
+    deploy.save(tmp_path / name, model, variables)
+  (tmp_path / "bad_json" / "model.json").write_text("{not json")
+  variables_dir = tmp_path / "no_data" / "variables"
+  for p in variables_dir.rglob("*"):
+    if p.is_file() and (p.name == "manifest.ocdbt" or p.parent.name == "d"):
+      p.unlink()
+  code = textwrap.dedent(f"""
+      from bireal_jax import deploy
+      for p in ({str(tmp_path / 'bad_json')!r}, {str(tmp_path / 'no_data')!r}):
+        try:
+          deploy.load(p)
+        except (ValueError, FileNotFoundError) as e:
+          print(type(e).__name__, str(e).replace("\\n", " "))
+  """)
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[0].startswith(f"ValueError {tmp_path / 'bad_json' / 'model.json'} is not valid "
+                             f"JSON"), lines
+  assert "expected the model.json written by bireal_jax.deploy.save" in lines[0]
+  assert lines[1].startswith(f"FileNotFoundError {variables_dir}: the weights are missing or "
+                             f"damaged"), lines
+  assert "expected the Orbax checkpoint written by bireal_jax.deploy.save" in r.stdout
+  assert "Event loop is closed" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]

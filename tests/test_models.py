@@ -211,3 +211,21 @@ def test_bad_architecture_options(override, pattern):
   model = models.get("bireal18", **dict(TINY, **override))
   with pytest.raises(ValueError, match=pattern):
     jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(num_classes=-3), "num_classes=-3 is invalid: expected a positive integer"),
+    (dict(num_classes=2.5), "num_classes=2.5 is invalid: expected a positive integer"),
+    (dict(base_width=0), "base_width=0 is invalid: expected a positive integer"),
+    (dict(stage_sizes=(2, 0)), "stage_sizes=(2, 0) is invalid: expected a non-empty sequence"),
+    (dict(bn_epsilon=0.0), "bn_epsilon=0.0 is invalid: expected a positive number"),
+    (dict(bn_momentum=1.5), "bn_momentum=1.5 is invalid: expected a decay in [0, 1]"),
+])
+def test_impossible_options_are_refused_when_the_model_is_made(kw, message):
+  """Named with its value at `models.get` (Linen) and at construction (NNX), not deep in XLA."""
+  import re
+  import bireal_jax.nnx as bnnx
+  with pytest.raises(ValueError, match=re.escape(message)):
+    models.get("bireal18", **kw)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    bnnx.get("bireal18", **kw)

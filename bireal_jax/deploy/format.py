@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Mapping, Optional, Union
 
 import jax
@@ -164,8 +165,32 @@ def save(path: PathLike, model, variables: Optional[Mapping[str, Any]] = None, *
 
 def _restore(directory: str):
   import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(storage.path(directory))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(storage.path(directory))
+  except (ValueError, FileNotFoundError) as e:  # tensorstore's NOT_FOUND / DATA_LOSS, Orbax's
+    _drop_closed_loop_noise()
+    raise FileNotFoundError(
+        f"{directory}: the weights are missing or damaged ({type(e).__name__}: "
+        f"{storage.short(e, 200)}); expected the Orbax checkpoint written by "
+        f"bireal_jax.deploy.save: export the model again or copy the whole directory") from None
+
+
+def _drop_closed_loop_noise():
+  """After a failed restore, TensorStore's pending callbacks reach Orbax's closed asyncio loop
+  and Python prints one 'Event loop is closed' traceback per array at exit, burying the error.
+  Drop exactly those (chaining every other unraisable exception to the previous hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_bireal_jax", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._bireal_jax = True
+  sys.unraisablehook = hook
 
 
 def load(path: PathLike) -> Exported:
@@ -180,7 +205,14 @@ def load(path: PathLike) -> Exported:
     raise FileNotFoundError(f"{path!r} is not a bireal_jax export: expected {MODEL_FILE} and "
                             f"{VARIABLES_DIR}/ (written by bireal_jax.deploy.save); found "
                             f"{found}")
-  meta = json.loads(storage.read_text(model_file))
+  try:
+    meta = json.loads(storage.read_text(model_file))
+  except ValueError as e:
+    raise ValueError(f"{model_file} is not valid JSON ({e}): expected the model.json written by "
+                     f"bireal_jax.deploy.save") from None
+  if not isinstance(meta, dict):
+    raise ValueError(f"{model_file} holds a {type(meta).__name__}: expected a JSON object "
+                     f"written by bireal_jax.deploy.save")
   fmt = meta.get("format")
   if fmt == FORMAT:
     version = meta.get("format_version")

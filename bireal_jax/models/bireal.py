@@ -11,6 +11,7 @@ parameter tree, used for the paper's two-step training.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -25,6 +26,37 @@ from bireal_jax.layers import (BiRealBlock, BiRealBottleneck, Downsample, Quanti
 STEMS = ("imagenet", "small")
 SHORTCUTS = ("bireal", "resnet", "none")
 PADDINGS = ("torch", "same")
+
+
+def check_options(*, stage_sizes, block, num_classes, base_width, stem, shortcut, padding,
+                  bn_momentum, bn_epsilon) -> None:
+  """Raise ValueError naming the option, its value and what was expected, before any tracing
+  (an impossible size would otherwise fail deep inside XLA)."""
+  def whole(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+  if block not in ("basic", "bottleneck"):
+    raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+  if stem not in STEMS:
+    raise ValueError(f"stem must be {' or '.join(map(repr, STEMS))}, got {stem!r}")
+  if padding not in PADDINGS:
+    raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+  if shortcut not in SHORTCUTS:
+    raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
+  if shortcut != "bireal" and block != "basic":
+    raise ValueError(f"shortcut={shortcut!r} is only defined for block='basic'")
+  if not whole(num_classes) or num_classes < 1:
+    raise ValueError(f"num_classes={num_classes!r} is invalid: expected a positive integer")
+  if not whole(base_width) or base_width < 1:
+    raise ValueError(f"base_width={base_width!r} is invalid: expected a positive integer")
+  if (not isinstance(stage_sizes, (tuple, list)) or not stage_sizes
+      or not all(whole(n) and n >= 1 for n in stage_sizes)):
+    raise ValueError(f"stage_sizes={stage_sizes!r} is invalid: expected a non-empty sequence of "
+                     f"positive integers, e.g. (2, 2, 2, 2)")
+  if not 0.0 <= bn_momentum <= 1.0:
+    raise ValueError(f"bn_momentum={bn_momentum!r} is invalid: expected a decay in [0, 1]")
+  if not bn_epsilon > 0:
+    raise ValueError(f"bn_epsilon={bn_epsilon!r} is invalid: expected a positive number")
 
 
 class BiRealNet(nn.Module):
@@ -64,17 +96,14 @@ class BiRealNet(nn.Module):
   axis_name: Optional[str] = None
   padding: str = "torch"
 
+  def __post_init__(self):
+    check_options(stage_sizes=self.stage_sizes, block=self.block, num_classes=self.num_classes,
+                  base_width=self.base_width, stem=self.stem, shortcut=self.shortcut,
+                  padding=self.padding, bn_momentum=self.bn_momentum,
+                  bn_epsilon=self.bn_epsilon)
+    super().__post_init__()
+
   def _check(self, x):
-    if self.block not in ("basic", "bottleneck"):
-      raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
-    if self.stem not in STEMS:
-      raise ValueError(f"stem must be {' or '.join(map(repr, STEMS))}, got {self.stem!r}")
-    if self.padding not in PADDINGS:
-      raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
-    if self.shortcut not in SHORTCUTS:
-      raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {self.shortcut!r}")
-    if self.shortcut != "bireal" and self.block != "basic":
-      raise ValueError(f"shortcut={self.shortcut!r} is only defined for block='basic'")
     if x.ndim != 4:
       raise ValueError(f"BiRealNet expects NHWC images of rank 4, got shape {tuple(x.shape)}")
     if self.has_variable("params", "conv1"):
@@ -117,7 +146,7 @@ class BiRealNet(nn.Module):
 
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_default_init,
-                 bias_init=_torch_bias_init(x.shape[-1]), name="fc")(x)
+                 bias_init=torch_bias_init(x.shape[-1]), name="fc")(x)
     return x.astype(jnp.float32)
 
   def _basic_stages(self, x, norm, common):
@@ -143,6 +172,6 @@ class BiRealNet(nn.Module):
     return x2
 
 
-def _torch_bias_init(fan_in: int):
+def torch_bias_init(fan_in: int):
   bound = 1.0 / fan_in**0.5
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)

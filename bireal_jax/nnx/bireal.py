@@ -17,7 +17,7 @@ from flax import nnx
 
 from bireal_jax import layers as _linen_layers
 from bireal_jax.layers import QuantizerSpec, torch_default_init
-from bireal_jax.models.bireal import PADDINGS, SHORTCUTS, _torch_bias_init
+from bireal_jax.models.bireal import check_options, torch_bias_init
 from bireal_jax.models import plan as model_plan
 from bireal_jax.nnx.layers import BatchNorm, BiRealBlock, BiRealBottleneck, Conv, Downsample
 
@@ -41,16 +41,10 @@ class BiRealNet(nnx.Module):
                axis_name: Optional[str] = None, padding: str = "torch", *,
                in_features: int = 3, use_running_average: bool = False,
                rngs: Optional[nnx.Rngs] = None):
-    if block not in ("basic", "bottleneck"):
-      raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
-    if stem not in ("imagenet", "small"):
-      raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
-    if padding not in PADDINGS:
-      raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    if shortcut not in SHORTCUTS:
-      raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
-    if shortcut != "bireal" and block != "basic":
-      raise ValueError(f"shortcut={shortcut!r} is only defined for block='basic'")
+    check_options(stage_sizes=tuple(stage_sizes) if stage_sizes is not None else None,
+                  block=block, num_classes=num_classes, base_width=base_width, stem=stem,
+                  shortcut=shortcut, padding=padding, bn_momentum=bn_momentum,
+                  bn_epsilon=bn_epsilon)
     if rngs is None:
       rngs = nnx.Rngs(params=jax.random.key(0, impl="rbg"))
     # The Linen fields, kept as static attributes (`to_linen` / `to_config` read them).
@@ -83,7 +77,7 @@ class BiRealNet(nnx.Module):
     width = (self._basic_stages(plan, norm, common) if block == "basic"
              else self._bottleneck_stages(plan, common))
     self.fc = nnx.Linear(width, num_classes, dtype=dtype, kernel_init=torch_default_init,
-                         bias_init=_torch_bias_init(width), rngs=rngs)
+                         bias_init=torch_bias_init(width), rngs=rngs)
     self._plan = tuple(plan)
 
   # --- construction ------------------------------------------------------------------------------
