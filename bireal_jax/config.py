@@ -149,7 +149,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.keep_freed_host_memory = True
   # Which implementation of each op runs (`bireal_jax.ops.implementation`): "auto" (the fastest
   # here, timed per shape on first use), "reference", "native", "jax", or "op=name,...".
-  # "" = the BIREAL_OPS environment variable, else "auto". GPUs and TPUs run the reference.
+  # "" = the BIREAL_OPS environment variable, else "auto": the training job opts in to CPU
+  # tuning (the library alone runs "reference" unless asked). GPUs and TPUs run the reference.
   c.ops = ""
   return c
 

@@ -112,6 +112,7 @@ def main():
   ap.add_argument("--stage_profile", action="store_true",
                   help="time the JAX impls' stages one by one beside OpenVINO's by stage")
   args = ap.parse_args()
+  os.environ.setdefault("BIREAL_OPS", "auto")  # a benchmark opts in to CPU tuning (ops.DEFAULT off)
 
   print(f"jax {jax.__version__} jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}"
         f" backend {jax.default_backend()} devices {jax.devices()}")

@@ -1,13 +1,13 @@
-"""Test-wide settings, applied before JAX or bireal_jax is imported by any test module.
+"""Shared fixtures: a GCS emulator (`gcs`) and a fault-injecting HTTP proxy (`FaultProxy`).
 
-The suite runs the models with the `native` preset of `bireal_jax.ops` (the C++ kernels wherever
-they apply, else the pure-JAX rewrites): every test then exercises the CPU kernels, and none
-spends its time in `auto`'s timing of throwaway tiny shapes. `tests/test_ops.py` tests `auto`
-itself, with its own cache directory. Set BIREAL_OPS before pytest to run the suite otherwise.
+The suite runs the library's default path, `bireal_jax.ops.DEFAULT` ("reference": XLA's own
+ops); the tuned CPU paths have their own tests (test_ops.py: `auto`; test_fast_paths.py,
+test_onednn.py, test_xor_kernel.py: the kernels). Training jobs started through the CLI get
+BIREAL_OPS=reference from `test_main.env_for`: `auto` would time candidates in each process, and
+two processes a test compares bit for bit could pick differently. Set BIREAL_OPS before pytest
+to run the suite under another setting.
 """
 import os
-
-os.environ.setdefault("BIREAL_OPS", "native")
 
 import json  # noqa: E402
 import socket  # noqa: E402

@@ -381,9 +381,9 @@ def test_implementation_switch_nests_and_restores_state():
       t.start()
       t.join()
       assert _pool_path() == "reference"
-  if os.environ.get("BIREAL_OPS") == "native":  # tests/conftest.py's default
-    assert seen == [native]
-    assert _pool_path() == native
+  if not os.environ.get("BIREAL_OPS"):  # the library's default: XLA's own ops
+    assert seen == ["reference"]
+    assert _pool_path() == "reference"
 
 
 @pytest.mark.parametrize("setting,bad,choices", [

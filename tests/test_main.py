@@ -35,6 +35,7 @@ def env_for(devices: int) -> dict:
   env["JAX_COMPILATION_CACHE_DIR"] = CACHE  # the same tiny programs compile once per suite
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   env["JAX_PLATFORMS"] = "cpu"
+  env.setdefault("BIREAL_OPS", "reference")  # see conftest.py: the same picks in every process
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
 

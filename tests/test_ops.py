@@ -481,3 +481,90 @@ def test_auto_without_the_disk_cache_keeps_picks_in_memory(autotune_env, monkeyp
     jax.make_jaxpr(lambda v: ops.max_pool(v, **statics))(*arrays)
   assert list(ops.choices()) == ["max_pool"]
   assert not (autotune_env / "autotune").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU tuning is opt-in; ops.explain
+# ---------------------------------------------------------------------------------------------
+
+_USER_PROGRAM = """
+import os, jax, jax.numpy as jnp, optax
+from flax import nnx
+import flax.linen as nn
+import bireal_jax.nnx as bnnx
+from bireal_jax import BinaryConv, ops
+
+class Net(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 32, (3, 3), rngs=rngs)
+    self.bconv = bnnx.BinaryConv(32, 32, (3, 3), padding=1, rngs=rngs)
+    self.head = nnx.Linear(32, 10, rngs=rngs)
+  def __call__(self, x):
+    x = self.conv(x)
+    return self.head((x + self.bconv(x)).mean(axis=(1, 2)))
+
+class LinenNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(32, (3, 3))(x)
+    return nn.Dense(10)((x + BinaryConv(32, (3, 3), padding=1)(x)).mean(axis=(1, 2)))
+
+x, y = jnp.ones((8, 16, 16, 1)), jnp.arange(8) % 10
+model = Net(nnx.Rngs(0))
+opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+@nnx.jit
+def step(model, opt, x, y):
+  loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  l, g = nnx.value_and_grad(loss)(model)
+  opt.update(model, g)
+  return l
+
+step(model, opt, x, y)
+lin = LinenNet()
+v = lin.init(jax.random.key(0), x)
+jax.jit(jax.grad(lambda v: lin.apply(v, x).sum()))(v)
+print("OMP", os.environ.get("OMP_WAIT_POLICY"))
+print(ops.explain(lin, x, train=True))
+"""
+
+
+def test_importing_and_tracing_compiles_times_and_writes_nothing_by_default(tmp_path):
+  """A user's NNX and Linen nets with our binary conv, one training step each, default settings:
+  nothing built or timed (the cache directory stays absent), nothing set in the environment,
+  and XLA's own ops run (ops.explain says so)."""
+  cache = tmp_path / "cache"
+  env = {k: v for k, v in os.environ.items() if k not in ("BIREAL_OPS", "OMP_WAIT_POLICY")}
+  env.update(BIREAL_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", _USER_PROGRAM], env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not cache.exists(), sorted(str(p) for p in cache.rglob("*"))
+  assert "OMP None" in r.stdout
+  lines = [l for l in r.stdout.splitlines() if l.startswith(("conv2d", "binary_conv2d"))]
+  assert lines and all(l.rstrip().endswith("reference (setting)") for l in lines), r.stdout
+  assert "setting: conv2d=reference, binary_conv2d=reference" in r.stdout
+
+
+def test_explain_says_what_auto_and_named_settings_would_run_without_timing(tmp_path,
+                                                                           monkeypatch):
+  from bireal_jax import models
+  monkeypatch.setenv("BIREAL_JAX_CACHE", str(tmp_path / "cache"))
+  model = models.get("bireal18", num_classes=10, stem="small", base_width=16,
+                     stage_sizes=(1, 1))
+  x = jnp.zeros((8, 32, 32, 3))
+  with ops.implementation("auto"):
+    text = ops.explain(model, x, train=True)
+  assert text.startswith("setting: conv2d=auto, binary_conv2d=auto, max_pool=auto, "
+                         "batch_norm_train=auto")
+  rows = text.splitlines()[1:]
+  assert any(r.startswith("binary_conv2d 8x32x32x16 float32") and "auto: times " in r
+             for r in rows), text
+  assert any("(auto: too little work to time)" in r or "auto: times" in r
+             for r in rows if r.startswith("conv2d"))
+  assert not (tmp_path / "cache").exists()  # explaining timed and built nothing
+  with ops.implementation({"binary_conv2d": "xor_jax"}):
+    text = ops.explain(model, x)
+  assert any(r.startswith("binary_conv2d") and "xor_jax (setting" in r
+             for r in text.splitlines()), text
+  assert ops.DEFAULT == "reference"

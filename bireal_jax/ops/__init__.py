@@ -10,13 +10,17 @@ Each has a reference implementation in plain `lax` (`reference.py`), which is wh
 always run, and on the CPU some faster candidates (`cpu/`: oneDNN custom calls, the C++ XOR
 kernel, pure-JAX rewrites). Which one runs is set by one switch:
 
-    with ops.implementation("reference"):   ...   # plain lax everywhere
-    with ops.implementation("auto"):        ...   # the default: fastest on this CPU and shape
+    with ops.implementation("reference"):   ...   # the default: plain lax (XLA's own ops)
+    with ops.implementation("auto"):        ...   # opt in: fastest on this CPU and shape
     with ops.implementation({"conv2d": "onednn", "binary_conv2d": "xor"}):   # named, per op
     with ops.implementation("native"):      ...   # preset: the C++ kernels wherever they apply
 
 or the environment variable `BIREAL_OPS` (same values; per op as `conv2d=onednn,max_pool=sliced`),
-or the training config's `ops` key. The choice is made when a function is traced, and JAX reuses
+or the training config's `ops` key. CPU tuning is opt-in, as PyTorch's `cudnn.benchmark`: unless a
+user (or the training job, `make demo`, the benchmarks) asks for another setting, importing
+bireal_jax and tracing its layers, models or packed models runs `reference`, so nothing is
+compiled, timed, written to disk or set in the environment. `ops.explain(model, x)` says which
+implementation each op runs under the current setting, and why. The choice is made when a function is traced, and JAX reuses
 a traced function's trace whatever the setting is later: trace a fresh function (e.g. a new
 lambda) under each setting you compare.
 
@@ -39,10 +43,12 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from bireal_jax.ops import explain as explain_lib
 from bireal_jax.ops import geometry, reference
 from bireal_jax.ops.geometry import Pads, explicit_pads
 
 OPS = ("conv2d", "binary_conv2d", "max_pool", "batch_norm_train")
+DEFAULT = "reference"  # without an opt-in (implementation(), BIREAL_OPS, config.ops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +243,12 @@ def _current() -> dict:
   stack = getattr(_LOCAL, "stack", None)
   if stack:
     return stack[-1]
-  return parse(os.environ.get("BIREAL_OPS", "auto"))
+  return parse(os.environ.get("BIREAL_OPS") or DEFAULT)
+
+
+def current_setting() -> dict:
+  """The setting in force in this thread: {op: "auto" | tuple of candidate names}."""
+  return dict(_current())
 
 
 @contextlib.contextmanager
@@ -287,6 +298,9 @@ def applicable(op: str, arrays, statics) -> list[str]:
 
 
 def _call(op: str, arrays, statics):
+  calls = explain_lib.recording()
+  if calls is not None:  # inside ops.explain: record, decide nothing, build nothing
+    return explain_lib.record_and_run_reference(op, arrays, statics, calls)
   name = _resolve(op, arrays, statics)
   if name.startswith("auto:"):  # auto's own custom_vjp: forward pick, forward+backward pick
     from bireal_jax.ops import autotune
@@ -347,6 +361,8 @@ def compiler_options(train: bool = True) -> dict:
           "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
-__all__ = ["OPS", "CANDIDATES", "PRESETS", "conv2d", "binary_conv2d", "max_pool",
-           "batch_norm_train", "implementation", "parse", "choices", "applicable", "compiler_options",
-           "explicit_pads", "geometry", "reference"]
+explain = explain_lib.explain
+
+__all__ = ["OPS", "DEFAULT", "CANDIDATES", "PRESETS", "conv2d", "binary_conv2d", "max_pool",
+           "batch_norm_train", "implementation", "current_setting", "parse", "choices",
+           "applicable", "compiler_options", "explain", "explicit_pads", "geometry", "reference"]

@@ -39,7 +39,8 @@ _MEMO: dict[str, str] = {}
 _DISK: dict[str, dict] = {}
 
 
-def _min_work() -> float:
+def min_work() -> float:
+  """Below this work (`work`), auto runs the reference untimed (BIREAL_AUTOTUNE_MIN_WORK)."""
   return float(os.environ.get("BIREAL_AUTOTUNE_MIN_WORK", "2e6"))
 
 
@@ -183,7 +184,7 @@ def _untimed(op, arrays, statics, names) -> str | None:
   threshold; None otherwise."""
   if len(names) == 1:
     return names[0]
-  if work(op, arrays, statics) < _min_work():
+  if work(op, arrays, statics) < min_work():
     return "reference"
   return None
 
@@ -212,6 +213,22 @@ def _pick(op, arrays, statics, train: bool) -> str:
                    ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()))
     _MEMO[key] = entry["pick"]
     return entry["pick"]
+
+
+def lookup(op: str, arrays, statics):
+  """The pick made earlier for these operands (in this process or in the disk cache), without
+  timing anything: 'name', 'eval name / train name' when they differ, or None."""
+  picks = {}
+  for train in ((False,) if op == "binary_conv2d" else (False, True)):
+    key = _key(op, arrays, statics, train)
+    name = _MEMO.get(key) or (_disk_get(key) or {}).get("pick")
+    if name:
+      picks["train" if train else "eval"] = name
+  if not picks:
+    return None
+  if len(set(picks.values())) == 1:
+    return next(iter(picks.values()))
+  return " / ".join(f"{mode} {name}" for mode, name in picks.items())
 
 
 def pick(op: str, arrays, statics) -> str:

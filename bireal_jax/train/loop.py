@@ -6,9 +6,9 @@ cleanly on SIGTERM, refuses non-finite losses, re-estimates BN statistics, evalu
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import itertools
+import os
 import sys
 import time
 from typing import Optional
@@ -101,8 +101,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
 
 
 def _ops_setting(config):
-  """`ops.implementation(config.ops)`, or nothing when it is unset (BIREAL_OPS, else auto)."""
-  return ops.implementation(config.ops) if config.get("ops") else contextlib.nullcontext()
+  """The training job opts in to CPU tuning: `config.ops`, else BIREAL_OPS, else "auto" (the
+  library itself runs `ops.DEFAULT` unless asked)."""
+  return ops.implementation(config.get("ops") or os.environ.get("BIREAL_OPS") or "auto")
 
 
 def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
