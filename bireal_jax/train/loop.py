@@ -90,14 +90,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
                                  save_timeout_s=config.storage_timeout_s)
   mlog = MetricLog(workdir, s.is_chief, config.tensorboard)
   s.check_lock = lock.check if lock is not None else (lambda: None)
+  unreachable = False  # the storage stopped answering: do not wait on it once more at the end
   try:
     with _ops_setting(config):
       return _train(s, ckpts, mlog)
+  except (checkpoint.SaveAbandoned, storage.StorageUnavailable):
+    unreachable = True
+    raise
   finally:
     try:
       ckpts.close()
     finally:
-      mlog.close()
+      mlog.close(flush=not unreachable)
 
 
 def _ops_setting(config):

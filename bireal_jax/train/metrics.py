@@ -78,11 +78,14 @@ class MetricLog:
       raise
     self._buffer = []
 
-  def close(self):
-    """Flush and close. Records that cannot be written at the end (storage unreachable) are
-    printed, so that the job's log keeps them, instead of hiding the error that ends the run."""
+  def close(self, flush: bool = True):
+    """Flush and close. Records that cannot be written at the end (storage unreachable, or
+    `flush=False` when the job already knows it is) are printed, so that the job's log keeps
+    them, instead of hiding the error that ends the run."""
     try:
       if self.buffered and self.enabled:
+        if not flush:
+          raise storage.StorageUnavailable("the storage did not answer earlier in this run")
         self.flush()
     except Exception as e:  # noqa: BLE001 - reported, and the records kept in the log
       print(f"WARNING: could not write {len(self._buffer)} metric record(s) to {self.path} "
@@ -90,7 +93,7 @@ class MetricLog:
       for r in self._buffer:
         print(json.dumps(r), flush=True)
     finally:
-      if self.tb is not None:
+      if self.tb is not None and flush:  # tensorboardX uploads its event file on close
         self.tb.close()
 
   def __enter__(self):
