@@ -6,7 +6,8 @@ Importing this package (quantizers, layers, models) never imports TensorFlow; on
 from bireal_jax import layers, models, quantizers
 from bireal_jax.layers import BinaryConv, BiRealBlock, BiRealBottleneck
 from bireal_jax.models import BiRealNet
+from bireal_jax.zoo import pretrained
 
 __version__ = "0.1.0"
 __all__ = ["layers", "models", "quantizers", "BinaryConv", "BiRealBlock", "BiRealBottleneck",
-           "BiRealNet"]
+           "BiRealNet", "pretrained"]

@@ -340,8 +340,8 @@ class ObjectLock:
                                     name="workdir-lock-heartbeat")
     self._thread.start()
 
-  check = WorkdirLock.check
-  _lose = WorkdirLock._lose
+  check, _lose = WorkdirLock.check, WorkdirLock._lose
+  __enter__, __exit__ = WorkdirLock.__enter__, WorkdirLock.__exit__
 
   @classmethod
   def acquire(cls, workdir: str, *, job: str, stale_after_s: float, heartbeat_s: float,
@@ -418,12 +418,6 @@ class ObjectLock:
     except Exception as e:  # noqa: BLE001
       print(f"WARNING: could not remove the workdir lock {self.path}: {e}", file=sys.stderr,
             flush=True)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.release()
 
 
 def _read_object(bucket, name: str, **kw) -> Optional[tuple[dict, float, int]]:

@@ -9,11 +9,10 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from test_main import REPO, cmd, env_for
+from test_main import REPO, cmd, env_for, wait_for  # noqa: F401 (re-exported)
 
 ARGS = ["--config=configs/fashion_mnist.py", "--config.dataset=synthetic",
         "--config.image_size=8", "--config.base_width=4", "--config.stage_sizes=(1,1)",
@@ -63,17 +62,6 @@ def steps(gcs, bucket, run="run"):
     if m:
       out.add(int(m.group(1)))
   return sorted(out)
-
-
-def wait_for(predicate, proc, timeout=180, what="condition"):
-  t0 = time.time()
-  while not predicate():
-    if proc.poll() is not None:
-      raise AssertionError(f"process ended (rc {proc.returncode}) before {what}")
-    if time.time() - t0 > timeout:
-      proc.kill()
-      raise AssertionError(f"timed out waiting for {what}")
-    time.sleep(0.2)
 
 
 def same_exports(gcs, a: str, b: str):
