@@ -84,7 +84,14 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, F&& body) {
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, stride, pad, nw;
+  int64_t hp, wp;  // the packed input's padded size: h + 2·pad, w + 2·pad
 };
+
+// The packed words of input pixel (b, iy, ix) (unpadded coordinates) in the padded buffer.
+inline const uint32_t* XAt(const Geometry& g, const uint32_t* xb, int64_t b, int64_t iy,
+                           int64_t ix) {
+  return xb + ((b * g.hp + iy + g.pad) * g.wp + ix + g.pad) * g.nw;
+}
 
 // Output channels [oc, oc + 16·V) of output pixel (b, oy, ox).
 template <int V, bool kResidual>
@@ -102,7 +109,7 @@ inline void PixelBlock(const Geometry& g, const uint32_t* xb, const uint32_t* kb
       const int64_t ix = ox * g.stride + j - g.pad;
       if (ix < 0 || ix >= g.w) continue;
       ++valid;
-      const uint32_t* xw = xb + ((b * g.h + iy) * g.w + ix) * g.nw;
+      const uint32_t* xw = XAt(g, xb, b, iy, ix);
       const uint32_t* kt = kb + (i * g.kw + j) * g.nw * g.o + oc;
       for (int64_t u = 0; u < g.nw; ++u) {
         const __m512i xv = _mm512_set1_epi32(static_cast<int>(xw[u]));
@@ -124,22 +131,24 @@ inline void PixelBlock(const Geometry& g, const uint32_t* xb, const uint32_t* kb
 }
 
 #ifdef BIREAL_PACKED_AVX512
-// Output channels [oc, oc + 64) of P adjacent output pixels (b, oy, ox..ox+P-1) whose taps all
-// lie inside the image: each kernel vector is loaded once for the P pixels (4·P accumulators).
+// Output channels [oc, oc + 64) of P adjacent output pixels (b, oy, ox..ox+P-1): each kernel
+// vector is loaded once for the P pixels (4·P accumulators). Taps on the padding read the
+// padded buffer's 0 words, which add popcount(ŵ) there; for border pixels that sum, `qk[tap][o]`
+// (precomputed), is taken off again, so D counts the taps inside the image only.
 template <int P, bool kResidual>
-inline void InteriorBlock(const Geometry& g, const uint32_t* xb, const uint32_t* kb,
-                          const float* scale, const float* bias, const float* res, int64_t b,
-                          int64_t oy, int64_t ox, int64_t oc, float* out) {
+inline void RowBlock(const Geometry& g, const uint32_t* xb, const uint32_t* kb,
+                     const int32_t* qk, const float* scale, const float* bias, const float* res,
+                     int64_t b, int64_t oy, int64_t ox, int64_t oc, float* out) {
   constexpr int V = 4;
   __m512i acc[P][V];
   for (int q = 0; q < P; ++q)
     for (int v = 0; v < V; ++v) acc[q][v] = _mm512_setzero_si512();
   const int64_t step = g.stride * g.nw;  // words between adjacent output pixels' taps
   for (int64_t i = 0; i < g.kh; ++i) {
-    const int64_t iy = oy * g.stride + i - g.pad;
+    const int64_t py = oy * g.stride + i;  // padded coordinates
     for (int64_t j = 0; j < g.kw; ++j) {
-      const int64_t ix = ox * g.stride + j - g.pad;
-      const uint32_t* xw = xb + ((b * g.h + iy) * g.w + ix) * g.nw;
+      const int64_t px = ox * g.stride + j;
+      const uint32_t* xw = xb + ((b * g.hp + py) * g.wp + px) * g.nw;
       const uint32_t* kt = kb + (i * g.kw + j) * g.nw * g.o + oc;
       for (int64_t u = 0; u < g.nw; ++u) {
         __m512i kv[V];
@@ -153,8 +162,23 @@ inline void InteriorBlock(const Geometry& g, const uint32_t* xb, const uint32_t*
       }
     }
   }
-  const __m512i full = _mm512_set1_epi32(static_cast<int>(g.kh * g.kw * g.c));
-  for (int q = 0; q < P; ++q)
+  for (int q = 0; q < P; ++q) {
+    int64_t valid = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t iy = oy * g.stride + i - g.pad;
+      const bool row_in = iy >= 0 && iy < g.h;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t ix = (ox + q) * g.stride + j - g.pad;
+        if (row_in && ix >= 0 && ix < g.w) {
+          ++valid;
+          continue;
+        }
+        const int32_t* qt = qk + (i * g.kw + j) * g.o + oc;
+        for (int v = 0; v < V; ++v)
+          acc[q][v] = _mm512_sub_epi32(acc[q][v], _mm512_loadu_si512(qt + 16 * v));
+      }
+    }
+    const __m512i full = _mm512_set1_epi32(static_cast<int>(valid * g.c));
     for (int v = 0; v < V; ++v) {
       const __m512i d = _mm512_sub_epi32(full, _mm512_slli_epi32(acc[q][v], 1));
       __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(scale + oc + 16 * v),
@@ -162,6 +186,7 @@ inline void InteriorBlock(const Geometry& g, const uint32_t* xb, const uint32_t*
       if (kResidual) y = _mm512_add_ps(y, _mm512_loadu_ps(res + q * g.o + oc + 16 * v));
       _mm512_storeu_ps(out + q * g.o + oc + 16 * v, y);
     }
+  }
 }
 #endif
 
@@ -179,7 +204,7 @@ inline void PixelScalar(const Geometry& g, const uint32_t* xb, const uint32_t* k
         const int64_t ix = ox * g.stride + j - g.pad;
         if (ix < 0 || ix >= g.w) continue;
         ++valid;
-        const uint32_t* xw = xb + ((b * g.h + iy) * g.w + ix) * g.nw;
+        const uint32_t* xw = XAt(g, xb, b, iy, ix);
         const uint32_t* kt = kb + (i * g.kw + j) * g.nw * g.o + oc;
         for (int64_t u = 0; u < g.nw; ++u) pc += __builtin_popcount(xw[u] ^ kt[u * g.o]);
       }
@@ -202,7 +227,7 @@ ffi::Error PackedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || stride < 1 || pad < 0)
     return ffi::Error::InvalidArgument("packed conv: expected NHWC x, [kh,kw,nw,O] bits, NHWC y");
   const Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[3], yd[1], yd[2], stride, pad,
-                   (xd[3] + 31) / 32};
+                   (xd[3] + 31) / 32, xd[1] + 2 * pad, xd[2] + 2 * pad};
   if (kd[2] != g.nw || yd[0] != g.n || yd[3] != g.o ||
       scale.element_count() != static_cast<size_t>(g.o) ||
       bias.element_count() != static_cast<size_t>(g.o) ||
@@ -216,15 +241,31 @@ ffi::Error PackedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
   // The input's sign bits, `nw` words per pixel (scratch kept per calling thread: fresh buffers
   // cost page faults; pool tasks get the raw pointer).
+  // The buffer has `pad` rows and columns of 0 words (+1) around each image.
   thread_local std::vector<uint32_t> xb_buf;
+  thread_local std::vector<int32_t> qk_buf;
   const int64_t pixels = g.n * g.h * g.w;
-  xb_buf.resize(pixels * g.nw);
+  if (pad) xb_buf.assign(g.n * g.hp * g.wp * g.nw, 0u);
+  else xb_buf.resize(g.n * g.hp * g.wp * g.nw);
   uint32_t* const xb = xb_buf.data();
-  auto pack_rows = [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
+  auto pack_rows = [&](int64_t p0, int64_t p1) {  // input pixels [p0, p1) in NHW order
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / (g.h * g.w), iy = (p / g.w) % g.h, ix = p % g.w;
+      uint32_t* dst = const_cast<uint32_t*>(XAt(g, xb, b, iy, ix));
       for (int64_t u = 0; u < g.nw; ++u)
-        xb[p * g.nw + u] = PackWord(xp + p * g.c + u * 32, std::min<int64_t>(32, g.c - u * 32));
+        dst[u] = PackWord(xp + p * g.c + u * 32, std::min<int64_t>(32, g.c - u * 32));
+    }
   };
+  // qk[tap][o] = Σ_words popcount(ŵ): what a tap on the padding (0 words) adds to the sum.
+  const int64_t taps = g.kh * g.kw;
+  qk_buf.assign(pad ? taps * g.o : 0, 0);
+  int32_t* const qk = qk_buf.data();
+  for (int64_t t = 0; pad && t < taps; ++t)
+    for (int64_t u = 0; u < g.nw; ++u) {
+      const uint32_t* row = kb + (t * g.nw + u) * g.o;
+      int32_t* dst = qk + t * g.o;
+      for (int64_t oc = 0; oc < g.o; ++oc) dst[oc] += __builtin_popcount(row[oc]);
+    }
   // Packing reads each float once (a few µs per 10^5 floats): small inputs are packed by the
   // caller alone, which saves a hand-off to the pool (and a wait on a descheduled helper).
   if (pixels * g.c <= (int64_t{1} << 20)) {
@@ -242,39 +283,42 @@ ffi::Error PackedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // consecutive items reuse one block's kernel slab from cache.
   const int64_t blocks = (g.o + kBlock - 1) / kBlock;
   const int64_t out_rows = g.n * g.oh;
-  // Output pixels whose taps all lie inside the image: rows/columns [lo, hi).
-  auto first_inside = [&](int64_t) { return (g.pad + g.stride - 1) / g.stride; };
-  const int64_t y_lo = first_inside(0), x_lo = y_lo;
-  const int64_t y_hi = std::max(y_lo, (g.h + g.pad - g.kh) / g.stride + 1);
-  const int64_t x_hi = std::max(x_lo, (g.w + g.pad - g.kw) / g.stride + 1);
   ParallelFor(pool, blocks * out_rows, [&](int64_t item) {
     const int64_t blk = item / out_rows, row = item % out_rows;
     const int64_t b = row / g.oh, oy = row % g.oh;
     const int64_t oc0 = blk * kBlock, oc1 = std::min(g.o, oc0 + kBlock);
-    const bool row_inside = oy >= y_lo && oy < y_hi;
-    for (int64_t ox = 0; ox < g.ow;) {
+#ifdef BIREAL_PACKED_AVX512
+    if (oc1 - oc0 == 64) {
+      // Runs of P pixels along the row; the last run starts at ow − P (recomputing a few
+      // pixels rather than a narrower tail); rows narrower than P go pixel by pixel.
+      constexpr int P = 4;
+      if (g.ow >= P) {
+        for (int64_t ox = 0;; ox += P) {
+          const int64_t x0 = std::min(ox, g.ow - P), p = row * g.ow + x0;
+          RowBlock<P, kResidual>(g, xb, kb, qk, sp, bp, kResidual ? res + p * g.o : nullptr, b,
+                                 oy, x0, oc0, yp + p * g.o);
+          if (x0 + P >= g.ow) break;
+        }
+      } else {
+        for (int64_t ox = 0; ox < g.ow; ++ox) {
+          const int64_t p = row * g.ow + ox;
+          RowBlock<1, kResidual>(g, xb, kb, qk, sp, bp, kResidual ? res + p * g.o : nullptr, b,
+                                 oy, ox, oc0, yp + p * g.o);
+        }
+      }
+      return;
+    }
+#endif
+    for (int64_t ox = 0; ox < g.ow; ++ox) {
       const int64_t p = row * g.ow + ox;
       float* out = yp + p * g.o;
       const float* rp = kResidual ? res + p * g.o : nullptr;
-#ifdef BIREAL_PACKED_AVX512
-      constexpr int P = 4;
-      if (oc1 - oc0 == 64 && row_inside && ox >= x_lo && ox + P <= x_hi) {
-        InteriorBlock<P, kResidual>(g, xb, kb, sp, bp, rp, b, oy, ox, oc0, out);
-        ox += P;
-        continue;
-      }
-#endif
       int64_t oc = oc0;
 #ifdef BIREAL_PACKED_AVX512
-      if (oc1 - oc == 64) {
-        PixelBlock<4, kResidual>(g, xb, kb, sp, bp, rp, b, oy, ox, oc, out);
-        oc += 64;
-      }
       for (; oc + 16 <= oc1; oc += 16)
         PixelBlock<1, kResidual>(g, xb, kb, sp, bp, rp, b, oy, ox, oc, out);
 #endif
       PixelScalar<kResidual>(g, xb, kb, sp, bp, rp, b, oy, ox, oc, oc1, out);
-      ++ox;
     }
   });
   return ffi::Error::Success();
