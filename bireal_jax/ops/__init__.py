@@ -222,7 +222,7 @@ PRESETS: dict[str, dict[str, Union[str, tuple]]] = {
     # The C++ kernels wherever they apply (what the library did on every CPU before `auto`).
     "native": {"conv2d": ("onednn", "reference"), "binary_conv2d": ("xor", "xor_jax", "int8"),
                "max_pool": ("onednn", "sliced"), "batch_norm_train": ("fused_bwd",),
-               "packed_conv2d": ("xor_cpp",)},
+               "packed_conv2d": ("xor_cpp", "reference")},
     # No custom calls: XLA's convolutions and the pure-JAX rewrites.
     "jax": {"conv2d": ("reference",), "binary_conv2d": ("xor_jax", "int8"),
             "max_pool": ("sliced",), "batch_norm_train": ("fused_bwd",),
