@@ -19,7 +19,11 @@ call (`PackedModel.__call__`) with impl in deploy.IMPLS, micro-batch M for the s
 stages, K concurrent streams (defaults: deploy.default_micro_batch(),
 deploy.default_stage_micro_batch(), deploy.default_streams()); "IMPL/mbM/vwN" or
 "IMPL/mball" jit `deploy.forward` directly in one stream, with XLA's CPU vector width N bits
-(default deploy.compiler_options(), i.e. 512) or the whole batch at once. "openvino" and
+(default deploy.compiler_options(), i.e. 512) or the whole batch at once. A last option
+"/ops=SETTING" (a `bireal_jax.ops` setting, e.g. `ops=packed_conv2d=reference,conv2d=reference`:
+the packed forward as it ran before `ops.packed_conv2d`) traces that variant's public call under
+it (a fresh jit; `BIREAL_OPS` is set while it is called, since streams trace in worker threads),
+so an old and a new path are timed in the same run. "openvino" and
 "openvino/bf16" run the model's OpenVINO IR on the CPU plugin (`impl="openvino"`, f32 or bf16
 inference precision; needs bireal_jax[openvino]); `--ov_profile` then also prints the plugin's
 per-layer profile (PERF_COUNT) of each batch, summed by layer type (median over the rounds).
@@ -30,6 +34,7 @@ summed by stage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import platform
@@ -41,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bireal_jax.ops
 from bireal_jax import deploy, models
 
 
@@ -146,9 +152,32 @@ def main():
       return jax.lax.map(apply, x.reshape(n // mb, mb, *x.shape[1:])).reshape(n, -1)
     return jax.jit(chunked)
 
+  def under_ops(setting, fn):
+    """`fn` traced and run with `bireal_jax.ops` setting `setting` (its own jit of the forward)."""
+    from bireal_jax.deploy import runtime
+    backend = jax.default_backend()
+    # a new function object: jax.jit shares its trace cache between jits of one function
+    fresh = jax.jit(lambda *a: runtime._forward_static(*a), static_argnums=(0, 1, 2),
+                    compiler_options=runtime.compiler_options(backend) or None)
+
+    def call(x):
+      saved, env = runtime._jitted(), os.environ.get("BIREAL_OPS")
+      runtime._JITTED[backend], os.environ["BIREAL_OPS"] = fresh, setting
+      try:
+        return fn(x)
+      finally:
+        runtime._JITTED[backend] = saved
+        if env is None:
+          os.environ.pop("BIREAL_OPS")
+        else:
+          os.environ["BIREAL_OPS"] = env
+    return call
+
   fns = {}
   for v in args.variants:
     name, *opts = v.split("/")
+    setting = next((o[4:] for o in opts if o.startswith("ops=")), None)
+    opts = [o for o in opts if not o.startswith("ops=")]
     mb = next((_mb(o[2:]) for o in opts if o.startswith("mb")), None)
     vw = next((int(o[2:]) for o in opts if o.startswith("vw")), None)
     if name == "float_model":
@@ -170,6 +199,8 @@ def main():
       smb = next((int(o[3:]) for o in opts if o.startswith("smb")), None)
       fns[v] = functools.partial(pm, impl=name, micro_batch=mb, streams=streams,
                                  stage_micro_batch=smb)
+    if setting is not None:
+      fns[v] = under_ops(setting, fns[v])
 
   for b in args.batch:
     x = jax.random.normal(jax.random.key(1), (b, args.size, args.size, 3), jnp.float32)
@@ -211,8 +242,10 @@ def main():
       cols = {}
       for v in fns:
         name = v.split("/")[0]
-        if name in deploy.IMPLS and name not in cols:
-          cols[name] = time_pieces(pm, name, x, args.rounds)
+        if name in deploy.IMPLS and v not in cols:
+          setting = next((o[4:] for o in v.split("/") if o.startswith("ops=")), None)
+          with (bireal_jax.ops.implementation(setting) if setting else contextlib.nullcontext()):
+            cols[v] = time_pieces(pm, name, x, args.rounds)
         elif name == deploy.OPENVINO and v not in cols:
           prof = pm.openvino().profile(x, "bf16" if "bf16" in v else "f32", args.rounds,
                                        ov_stage(pm.config))

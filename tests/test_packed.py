@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bireal_jax import deploy, models, quantizers
+from bireal_jax import deploy, models, ops, quantizers
 from bireal_jax.ops import bits as bitops
 
 
@@ -131,6 +131,71 @@ def test_binary_convs_are_exact(h, w, cin, cout, k, stride, pad, group):
     corr = np.asarray(bitops.border_correction(bits, cin, h, w, stride, pad))
     assert np.any(corr[0, :] != 0) and np.any(corr[:, 0] != 0)
     assert not np.any(corr[1:-1, 1:-1])  # interior outputs never touch the padding
+
+
+PACKED_OP_CASES = [
+    # (n, h, w, cin, cout, k, stride, pad)
+    (1, 13, 13, 64, 64, 3, 1, 1),    # 64-channel blocks, interior runs of 4 pixels
+    (2, 15, 11, 40, 24, 3, 2, 1),    # odd, non-square, stride 2, channel tails
+    (1, 7, 7, 512, 80, 3, 1, 1),     # 16 words per tap, a 64 block + a 16 block
+    (3, 5, 5, 96, 128, 1, 1, 0),     # 1x1, no padding: every pixel interior
+    (1, 1, 1, 32, 64, 3, 1, 1),      # one pixel, all taps but the centre on the padding
+]
+
+
+@pytest.mark.parametrize("n,h,w,cin,cout,k,stride,pad", PACKED_OP_CASES)
+def test_packed_conv2d_candidates_are_exact_and_agree_bitwise(n, h, w, cin, cout, k, stride, pad):
+  """`ops.packed_conv2d`: every candidate gives `D·scale + bias [+ residual]` with D exact, and
+  here the C++ kernel the same bits as XLA's reference (both one fused multiply-add)."""
+  keys = jax.random.split(jax.random.key(n * h * w + cin + cout), 5)
+  x = jax.random.normal(keys[0], (n, h, w, cin))
+  x = x.at[:, ::3, ::2, ::5].set(0.0)  # exact zeros: sign(0) = +1 on every path
+  kernel = jax.random.normal(keys[1], (k, k, cin, cout))
+  bits = bitops.pack_kernel(kernel)
+  scale = jax.random.uniform(keys[2], (cout,), minval=0.5, maxval=1.5)
+  bias = jax.random.normal(keys[3], (cout,))
+  d = np.asarray(_conv_pm1(x, kernel, stride, pad)).astype(np.int64)
+  res = jax.random.normal(keys[4], d.shape)
+  outs = {}
+  for name in ops.applicable("packed_conv2d", (x, bits, scale, bias), dict(stride=stride, pad=pad)):
+    with ops.implementation({"packed_conv2d": name}):
+      f = jax.jit(lambda *a: ops.packed_conv2d(*a[:4], a[4] if len(a) > 4 else None, stride, pad))
+      outs[name] = (np.asarray(f(x, bits, scale, bias)), np.asarray(f(x, bits, scale, bias, res)))
+  assert "reference" in outs
+  want = d.astype(np.float32) * np.asarray(scale) + np.asarray(bias)
+  for name, (plain, with_res) in outs.items():
+    np.testing.assert_allclose(plain, want, rtol=1e-6, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(with_res, want + np.asarray(res), rtol=1e-6, atol=1e-5,
+                               err_msg=name)
+    np.testing.assert_array_equal(plain, outs["reference"][0], err_msg=name)
+    np.testing.assert_array_equal(with_res, outs["reference"][1], err_msg=name)
+  if jax.default_backend() == "cpu" and ops.CANDIDATES["packed_conv2d"]["xor_cpp"].available():
+    assert "xor_cpp" in outs
+
+
+@pytest.mark.skipif(not (jax.default_backend() == "cpu"
+                         and ops.CANDIDATES["packed_conv2d"]["xor_cpp"].available()),
+                    reason="the C++ packed conv kernel runs on the CPU (g++ needed)")
+def test_packed_forward_runs_its_binary_convs_through_the_ops_layer():
+  """impl="xor" calls `ops.packed_conv2d`: the C++ kernel or XLA's popcount loops (the other ops
+  on their reference), with the same logits to float rounding (D is exact on both; whether XLA
+  contracts `D·scale + bias` into one multiply-add depends on its fusion, the kernel always does)."""
+  model, variables = _model_and_vars("bireal18", 16, stem="small")
+  pm = deploy.pack(model, variables)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  rp = pm.runtime_params("xor")
+  out = {}
+  for name in ("xor_cpp", "reference"):
+    with ops.implementation({**{op: "reference" for op in ops.OPS}, "packed_conv2d": name}):
+      f = lambda p, v: deploy.forward(pm.config, p, v, "xor")  # noqa: E731 (fresh trace)
+      out[name] = (str(jax.make_jaxpr(f)(rp, x)), np.asarray(jax.jit(f)(rp, x)))
+  assert "population_count" in out["reference"][0]
+  assert "bireal_packed_conv" not in out["reference"][0]
+  assert "bireal_packed_conv" in out["xor_cpp"][0]
+  assert "population_count" not in out["xor_cpp"][0]
+  ref = out["reference"][1]
+  np.testing.assert_allclose(out["xor_cpp"][1], ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+  np.testing.assert_array_equal(out["xor_cpp"][1].argmax(-1), ref.argmax(-1))
 
 
 def _border_correction_reference(bits, c, h, w, stride, pad):

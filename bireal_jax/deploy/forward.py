@@ -2,8 +2,10 @@
 
 Four interchangeable implementations of the binary conv's integer `D` (all exact, so all give
 the same logits):
-  * "xor"     — `D = kh·kw·C − 2·Σ popcount(x̂ XOR ŵ) − border correction` with
-                `lax.population_count` on uint32 words (`ops/bits.py`);
+  * "xor"     — `D = kh·kw·C − 2·Σ popcount(x̂ XOR ŵ)` on the stored uint32 sign bits, through
+                the `ops.packed_conv2d` op (with the folded affine and the residual add): XLA's
+                `lax.population_count` loops (`ops/bits.py`, the reference, GPUs/TPUs) or, on
+                the CPU, the C++ kernel `ops/cpu/csrc/packed_conv.cc` (`auto` times both);
   * "xor_cpp" — the same sums by the C++ kernel of the training forward (`ops/cpu/xor.py`), on
                 the ±1 kernel (α = 1);
   * "int8"    — ±1 int8 operands, `lax.conv_general_dilated(preferred_element_type=int32)`, for
@@ -28,8 +30,7 @@ from jax import lax
 from bireal_jax import ops, quantizers
 from bireal_jax.layers import _avg_pool
 from bireal_jax.models import plan
-from bireal_jax.ops.bits import (WORD_BITS, _conv, float_conv, int8_conv, unpack_kernel,
-                                 xor_popcount_conv)
+from bireal_jax.ops.bits import WORD_BITS, float_conv, int8_conv, unpack_kernel
 
 IMPLS = ("xor", "xor_cpp", "int8", "float")
 
@@ -52,21 +53,25 @@ def _affine(d, e):
   return d.astype(jnp.float32) * e["scale"] + e["bias"]
 
 
-def _binary(e, x, stride, pad, impl):
-  """`s·D + b` for one binary conv + BN; `e` holds "bits" (xor) or a ±1 "pm1" kernel."""
+def _binary(e, x, stride, pad, impl, residual=None):
+  """`s·D + b [+ residual]` for one binary conv + BN; `e` holds "bits" (xor) or a ±1 "pm1"
+  kernel."""
   if impl == "xor":
-    d = xor_popcount_conv(x, e["bits"], stride, pad)
-  elif impl == "xor_cpp":
+    return ops.packed_conv2d(x, e["bits"], e["scale"], e["bias"], residual, stride, pad)
+  if impl == "xor_cpp":
     from bireal_jax.ops.cpu import xor
     d = xor.xor_conv(x, e["pm1"][:, :, :x.shape[-1]], stride, pad)  # D itself: α = 1
   else:
     k = e["pm1"][:, :, :x.shape[-1]]  # drop the channel padding of the last word, if any
     d = int8_conv(x, k, stride, pad) if impl == "int8" else float_conv(x, k, stride, pad)
-  return _affine(d, e)
+  y = _affine(d, e)
+  return y if residual is None else y + residual
 
 
 def _real(e, x, stride, pad):
-  y = _conv(x, e["kernel"], stride, pad)
+  """A real conv (stem, shortcut 1×1, Bi-Real-50's first 1×1) through `ops.conv2d`, whose CPU
+  candidates (oneDNN) `auto` times against XLA's own convolution."""
+  y = ops.conv2d(x, e["kernel"], (stride, stride), ((pad, pad), (pad, pad)))
   return _affine(y, e) if "scale" in e else y
 
 
@@ -79,15 +84,14 @@ def _downsample(e, x, stride):
 def _basic_unit(p, u, x, impl):
   e = p[u.names[0]]
   if u.kind == "bireal":
-    y = _binary(e, x, u.stride, 1, impl)
-    return y + (_downsample(e[u.downsample_name], x, u.stride) if u.downsample else x)
+    short = _downsample(e[u.downsample_name], x, u.stride) if u.downsample else x
+    return _binary(e, x, u.stride, 1, impl, short)
   if u.kind == "pair":
     inp = x
     x = _binary(e, x, u.stride, 1, impl)
-    x = _binary(p[u.names[1]], x, 1, 1, impl)
     if u.downsample:
       inp = _downsample(p[u.downsample_name], inp, u.stride)
-    return x + inp
+    return _binary(p[u.names[1]], x, 1, 1, impl, inp)
   return _binary(e, x, u.stride, 1, impl)
 
 
@@ -97,15 +101,13 @@ def _bottleneck_unit(p, u, x1, x2, impl):
   if u.is_first:
     out1 = _real(e["conv1"], quantizers.leaky_clip(x2), 1, 0)
   else:
-    out1 = _binary(e["conv1"], x2, 1, 0, impl)
     if u.is_downsample:
       x1 = _real(e["down_conv1x1"], x1, 1, 0)
-    out1 = out1 + x1
-  out2 = _binary(e["conv2"], out1, u.stride, 1, impl)
-  out2 = out2 + (_avg_pool(out1, 2) if u.is_downsample and u.stride == 2 else out1)
-  out3 = _binary(e["conv3"], out2, 1, 0, impl)
+    out1 = _binary(e["conv1"], x2, 1, 0, impl, x1)
+  out2 = _binary(e["conv2"], out1, u.stride, 1, impl,
+                 _avg_pool(out1, 2) if u.is_downsample and u.stride == 2 else out1)
   outer = _downsample(e["downsample"], x2, u.stride) if u.is_downsample else x2
-  return out2, out3 + outer
+  return out2, _binary(e["conv3"], out2, 1, 0, impl, outer)
 
 
 def _basic_stages(cfg, p, x, impl):

@@ -1,10 +1,13 @@
 """The backend layer: every convolution, binary convolution, max-pool and training-mode BatchNorm
-that the layers and models run goes through the four operations here.
+that the layers and models run goes through the four operations here, and packed inference's
+binary convolutions through a fifth:
 
     conv2d(x, w, strides, pads)                       NHWC × HWIO, explicit zero padding
     binary_conv2d(xq, wq, strides, pads)              xq ∈ {±1}, wq = α·sign(W): exact sums
     max_pool(x, window, strides, pads)                −inf padding, first-maximum gradient
     batch_norm_train(x, scale, bias, epsilon, axis_name) -> (y, mean, var)   flax's formula
+    packed_conv2d(x, bits, scale, bias, residual, stride, pad)   D·scale + bias [+ residual],
+                                                      D = conv(sign(x), packed ŵ), exact; no gradient
 
 Each has a reference implementation in plain `lax` (`reference.py`), which is what GPUs and TPUs
 always run, and on the CPU some faster candidates (`cpu/`: oneDNN custom calls, the C++ XOR
@@ -47,7 +50,7 @@ from bireal_jax.ops import explain as explain_lib
 from bireal_jax.ops import geometry, reference
 from bireal_jax.ops.geometry import Pads, explicit_pads
 
-OPS = ("conv2d", "binary_conv2d", "max_pool", "batch_norm_train")
+OPS = ("conv2d", "binary_conv2d", "max_pool", "batch_norm_train", "packed_conv2d")
 DEFAULT = "reference"  # without an opt-in (implementation(), BIREAL_OPS, config.ops)
 
 
@@ -151,6 +154,24 @@ def _bn_fused(x, scale, bias, epsilon, axis_name):
   return batchnorm.batch_norm_train(x, scale, bias, epsilon, axis_name)
 
 
+# --- packed_conv2d (inference only: packed sign bits, folded affine) --------------------------------
+
+def _packed_reference(x, bits, scale, bias, residual=None, *, stride, pad):
+  from bireal_jax.ops import bits as bits_
+  y = bits_.xor_popcount_conv(x, bits, stride, pad).astype(jnp.float32) * scale + bias
+  return y if residual is None else y + residual
+
+
+def _packed_cpp(x, bits, scale, bias, residual=None, *, stride, pad):
+  from bireal_jax.ops.cpu import packed
+  return packed.packed_conv(x, bits, scale, bias, residual, stride=stride, pad=pad)
+
+
+def _packed_cpp_available() -> bool:
+  from bireal_jax.ops.cpu import packed
+  return packed.available()
+
+
 CANDIDATES: dict[str, dict[str, Candidate]] = {
     "conv2d": {
         "reference": Candidate(reference.conv2d, cpu_only=False),
@@ -188,6 +209,14 @@ CANDIDATES: dict[str, dict[str, Candidate]] = {
         "reference": Candidate(reference.batch_norm_train, cpu_only=False),
         "fused_bwd": Candidate(_bn_fused, lambda x, scale, bias, **_: _f32(x, scale, bias)),
     },
+    # Inference only (no gradient), so `auto` times the forward alone.
+    "packed_conv2d": {
+        # XLA's XOR + popcount loops (`bits.xor_popcount_conv`), then the affine and residual.
+        "reference": Candidate(_packed_reference, cpu_only=False, timed=("eval",)),
+        # C++: sign packing, popcount sums, affine and residual in one call, on XLA's threads.
+        "xor_cpp": Candidate(_packed_cpp, lambda x, *a, **_: x.dtype == jnp.float32,
+                             _packed_cpp_available, timed=("eval",)),
+    },
 }
 
 # Named settings. A tuple is an order of preference: the first candidate that applies and is
@@ -198,10 +227,12 @@ PRESETS: dict[str, dict[str, Union[str, tuple]]] = {
     "auto": {op: "auto" for op in OPS},
     # The C++ kernels wherever they apply (what the library did on every CPU before `auto`).
     "native": {"conv2d": ("onednn", "reference"), "binary_conv2d": ("xor", "xor_jax", "int8"),
-               "max_pool": ("onednn", "sliced"), "batch_norm_train": ("fused_bwd",)},
+               "max_pool": ("onednn", "sliced"), "batch_norm_train": ("fused_bwd",),
+               "packed_conv2d": ("xor_cpp", "reference")},
     # No custom calls: XLA's convolutions and the pure-JAX rewrites.
     "jax": {"conv2d": ("reference",), "binary_conv2d": ("xor_jax", "int8"),
-            "max_pool": ("sliced",), "batch_norm_train": ("fused_bwd",)},
+            "max_pool": ("sliced",), "batch_norm_train": ("fused_bwd",),
+            "packed_conv2d": ("reference",)},
 }
 
 Setting = Union[str, Mapping[str, Union[str, Sequence[str]]]]
@@ -341,6 +372,19 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
                                                           axis_name=axis_name))
 
 
+def packed_conv2d(x: jax.Array, bits: jax.Array, scale: jax.Array, bias: jax.Array,
+                  residual: Optional[jax.Array] = None, stride: int = 1,
+                  pad: int = 0) -> jax.Array:
+  """Packed inference's binary conv: `float(D)·scale + bias [+ residual]` with `D = conv(sign(x),
+  ŵ)` (zero padding) computed exactly from the kernel's sign bits `bits[kh, kw, ceil(C/32), O]`
+  (`ops/bits.py` format); `scale`, `bias` per output channel; `residual` None or of the output's
+  shape. Forward only (packed models are not trained). D is exact on every candidate; the C++
+  one rounds `D·scale + bias` as one fused multiply-add, as XLA:CPU compiles the reference
+  alone (inside a larger fusion XLA may not contract it: then ~1 ulp apart)."""
+  arrays = (x, bits, scale, bias) + (() if residual is None else (residual,))
+  return _call("packed_conv2d", arrays, dict(stride=int(stride), pad=int(pad)))
+
+
 def choices() -> dict:
   """What `auto` picked so far in this process: {op: {shape key: candidate}}."""
   from bireal_jax.ops import autotune
@@ -364,5 +408,6 @@ def compiler_options(train: bool = True) -> dict:
 explain = explain_lib.explain
 
 __all__ = ["OPS", "DEFAULT", "CANDIDATES", "PRESETS", "conv2d", "binary_conv2d", "max_pool",
-           "batch_norm_train", "implementation", "current_setting", "parse", "choices",
-           "applicable", "compiler_options", "explain", "explicit_pads", "geometry", "reference"]
+           "batch_norm_train", "packed_conv2d", "implementation", "current_setting", "parse",
+           "choices", "applicable", "compiler_options", "explain", "explicit_pads", "geometry",
+           "reference"]

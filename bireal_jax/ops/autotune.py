@@ -55,6 +55,10 @@ def work(op: str, arrays, statics) -> float:
     w = arrays[1]
     oh, ow = geometry.out_hw(x.shape, w.shape, statics["strides"], statics["pads"])
     return float(x.shape[0] * oh * ow * np.prod(w.shape))
+  if op == "packed_conv2d":  # multiply-adds of the ±1 conv: 32 per kernel word
+    s, p = statics["stride"], statics["pad"]
+    oh, ow = geometry.out_hw(x.shape, arrays[1].shape, (s, s), ((p, p), (p, p)))
+    return float(x.shape[0] * oh * ow * np.prod(arrays[1].shape) * 32)
   if op == "max_pool":
     return float(np.prod(x.shape) * np.prod(statics["window"]))
   return 4.0 * float(np.prod(x.shape))
@@ -133,6 +137,8 @@ def _operands(op, arrays, statics):
     w = (np.where(rng.standard_normal(wq.shape) >= 0, 1.0, -1.0) * alpha).astype(wq.dtype)
     return [x, w]
   out = [rng.standard_normal(a.shape).astype(a.dtype) for a in arrays]
+  if op == "packed_conv2d":
+    out[1] = rng.integers(0, 2**32, arrays[1].shape, dtype=np.uint64).astype(arrays[1].dtype)
   if op == "batch_norm_train":
     out[1] = np.abs(out[1]) + 0.5
   return out
@@ -219,7 +225,7 @@ def lookup(op: str, arrays, statics):
   """The pick made earlier for these operands (in this process or in the disk cache), without
   timing anything: 'name', 'eval name / train name' when they differ, or None."""
   picks = {}
-  for train in ((False,) if op == "binary_conv2d" else (False, True)):
+  for train in ((False,) if op in ("binary_conv2d", "packed_conv2d") else (False, True)):
     key = _key(op, arrays, statics, train)
     name = _MEMO.get(key) or (_disk_get(key) or {}).get("pick")
     if name:
@@ -234,7 +240,9 @@ def lookup(op: str, arrays, statics):
 def pick(op: str, arrays, statics) -> str:
   """What `auto` runs for this call: a candidate name, or 'auto:' when the forward and the
   forward + backward picks may differ (resolved in `auto_call`'s custom VJP)."""
-  if op == "binary_conv2d":  # one forward for training and inference; backward via conv2d
+  if op in ("binary_conv2d", "packed_conv2d"):
+    # binary_conv2d: one forward for training and inference (backward via conv2d);
+    # packed_conv2d: inference only.
     return _pick(op, arrays, statics, train=False)
   return _untimed(op, arrays, statics, _ops.applicable(op, arrays, statics)) or "auto:"
 
