@@ -104,8 +104,7 @@ from bireal_jax.idx_files import (FMNIST_DIR, FMNIST_FILE_NAMES, FMNIST_FILES,  
                                   FMNIST_MEAN, FMNIST_PAD, FMNIST_STD, missing_fashion_mnist_files,
                                   read_fashion_mnist, read_idx)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from bireal_jax.pixels import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 _SPLIT_ARCHIVES = {"train": IMAGENET_ARCHIVES[0], "validation": IMAGENET_ARCHIVES[1],
                    "test": "ILSVRC2012_img_test.tar"}
@@ -626,10 +625,6 @@ def random_resized_crop_window(image_hw, key):
   return tf.cast(window, tf.int32)
 
 
-def _normalise_rgb(x):
-  return (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-
 def _is_jpeg(encoded):
   return tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")  # SOI + first marker
 
@@ -651,43 +646,125 @@ def decode_rgb(encoded, ratio: int = 1):
                  lambda: _decode_other(encoded))
 
 
-def imagenet_train_image(encoded, size: int, key):
-  """Encoded image -> RandomResizedCrop(size) + flip + normalise, float32 [size, size, 3]."""
+_DCT_RATIOS = (1, 2, 4)  # JPEG decode scales used (1/8 would need windows of 8x the output)
+
+
+def _resize_region(image, top, left, height, width, out_hw):
+  """Bilinear antialiased resize of the region (top, left, height, width) of `image` (float
+  coordinates in its pixels) to `out_hw`: uint8 [out_h, out_w, 3].
+
+  One ScaleAndTranslate, the kernel tf.image.resize(antialias=True) runs, computing only the
+  output pixels (its float32 kernel is faster than its uint8 one, cast included).
+  """
+  out_h, out_w = out_hw
+  scale = tf.stack([tf.cast(out_h, tf.float32) / height, tf.cast(out_w, tf.float32) / width])
+  x = tf.raw_ops.ScaleAndTranslate(
+      images=tf.cast(image, tf.float32)[None], size=tf.stack([out_h, out_w]), scale=scale,
+      translation=-tf.stack([top, left]) * scale, kernel_type="triangle", antialias=True)[0]
+  return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+def _decode_region(encoded, box, out_hw, margin: bool):
+  """Encoded image -> its region `box` = (y, x, h, w) (float, original pixels) resized to
+  `out_hw`, uint8 [out_h, out_w, 3].
+
+  JPEGs decode only the rows and columns the resize reads (decode_and_crop_jpeg), at the DCT
+  scale 1/r (r in 1, 2, 4) when the region is at least r times the output in both sides: the
+  decoder's own downscale then does what the antialiased resize would (pixels differ slightly:
+  tests/test_imagenet_pipeline.py states by how much). `margin`: also decode the pixels around
+  the region that the resize kernel reaches (a resize of the whole image, then a crop, as eval);
+  without, the region's edge is the image's edge (a resize of the crop, as RandomResizedCrop).
+  Other images (PNG, ...) decode whole, then are cut.
+  """
+  y, x, h, w = [tf.cast(v, tf.float32) for v in box]
+  out_h, out_w = [tf.cast(v, tf.float32) for v in out_hw]
+  # The triangle kernel reaches max(1, source/output) source pixels on each side.
+  my = tf.maximum(1.0, h / out_h) + 1.0 if margin else 0.0
+  mx = tf.maximum(1.0, w / out_w) + 1.0 if margin else 0.0
+
+  def cut(full_hw, r: int):
+    """(y0, x0, y1, x1): the window to decode, in pixels of the image decoded at 1/r."""
+    rh = tf.math.ceil(tf.cast(full_hw[0], tf.float32) / r)
+    rw = tf.math.ceil(tf.cast(full_hw[1], tf.float32) / r)
+    y0 = tf.clip_by_value(tf.floor((y - my) / r), 0.0, rh - 1)
+    x0 = tf.clip_by_value(tf.floor((x - mx) / r), 0.0, rw - 1)
+    y1 = tf.clip_by_value(tf.math.ceil((y + h + my) / r), y0 + 1, rh)
+    x1 = tf.clip_by_value(tf.math.ceil((x + w + mx) / r), x0 + 1, rw)
+    return y0, x0, y1, x1
 
   def jpeg():
-    window = random_resized_crop_window(tf.image.extract_jpeg_shape(encoded)[:2], key)
-    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)  # decodes the window only
+    full_hw = tf.image.extract_jpeg_shape(encoded)[:2]
+    fits = [tf.logical_and(h >= r * out_h, w >= r * out_w) for r in _DCT_RATIOS]
+    pick = tf.reduce_sum(tf.cast(tf.stack(fits[1:]), tf.int32))  # ratios are nested
+
+    def branch(r):
+      def fn():
+        y0, x0, y1, x1 = cut(full_hw, r)
+        window = tf.cast(tf.stack([y0, x0, y1 - y0, x1 - x0]), tf.int32)
+        crop = tf.image.decode_and_crop_jpeg(encoded, window, channels=3, ratio=r)
+        return crop, y0, x0, tf.constant(float(r))
+      return fn
+
+    return tf.switch_case(pick, [branch(r) for r in _DCT_RATIOS])
 
   def other():
-    x = _decode_other(encoded)
-    y0, x0, h, w = tf.unstack(random_resized_crop_window(tf.shape(x)[:2], key))
-    return x[y0:y0 + h, x0:x0 + w]
+    image = _decode_other(encoded)
+    y0, x0, y1, x1 = cut(tf.shape(image)[:2], 1)
+    crop = image[tf.cast(y0, tf.int32):tf.cast(y1, tf.int32),
+                 tf.cast(x0, tf.int32):tf.cast(x1, tf.int32)]
+    return crop, y0, x0, tf.constant(1.0)
 
-  x = tf.cond(_is_jpeg(encoded), jpeg, other)
-  x = tf.image.resize(x, [size, size], method="bilinear", antialias=True)
+  crop, y0, x0, r = tf.cond(_is_jpeg(encoded), jpeg, other)
+  crop.set_shape([None, None, 3])
+  return _resize_region(crop, y / r - y0, x / r - x0, h / r, w / r, out_hw)
+
+
+def _image_hw(encoded):
+  """(height, width) of an encoded image, from the JPEG header without decoding."""
+  return tf.cond(_is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+                 lambda: tf.shape(_decode_other(encoded))[:2])
+
+
+def imagenet_train_image(encoded, size: int, key):
+  """Encoded image -> RandomResizedCrop(size) + flip, uint8 [size, size, 3] (normalised on the
+  device: `normalise_images`)."""
+  window = random_resized_crop_window(_image_hw(encoded), key)
+  x = _decode_region(encoded, tf.unstack(window), (size, size), margin=False)
   flip = tf.random.stateless_uniform([], seed=_fold(key, 1)) < 0.5
-  x = tf.where(flip, tf.reverse(x, [1]), x)
-  return tf.cast(_normalise_rgb(x), tf.float32)
+  return tf.cond(flip, lambda: tf.reverse(x, [1]), lambda: x)
 
 
 def imagenet_eval_image(encoded, size: int):
-  """Encoded image -> resize shorter side to 256*size/224, centre crop size, normalise."""
-  x = decode_rgb(encoded)
-  h, w = tf.unstack(tf.cast(tf.shape(x)[:2], tf.float64))
+  """Encoded image -> resize shorter side to 256*size/224, centre crop size, uint8."""
+  hw = tf.cast(_image_hw(encoded), tf.float64)
+  h, w = hw[0], hw[1]
   short = float(round(256 * size / 224))
   # As torchvision Resize(int): shorter side -> `short`, the longer one truncated, not rounded.
-  new_hw = tf.cast(tf.where(h <= w, tf.stack([short, tf.floor(w * short / h)]),
-                            tf.stack([tf.floor(h * short / w), short])), tf.int32)
-  x = tf.image.resize(x, new_hw, method="bilinear", antialias=True)
-  top = tf.cast(tf.round(tf.cast(new_hw[0] - size, tf.float32) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_hw[1] - size, tf.float32) / 2), tf.int32)
-  x = tf.slice(x, [top, left, 0], [size, size, 3])
-  return tf.cast(_normalise_rgb(x), tf.float32)
+  new_hw = tf.where(h <= w, tf.stack([short, tf.floor(w * short / h)]),
+                    tf.stack([tf.floor(h * short / w), short]))
+  top = tf.round((new_hw[0] - size) / 2)
+  left = tf.round((new_hw[1] - size) / 2)
+  # The centre crop's region in the original image: only that part (and the resize kernel's
+  # reach around it) is decoded and resized.
+  sy, sx = h / new_hw[0], w / new_hw[1]
+  box = [top * sy, left * sx, size * sy, size * sx]
+  return _decode_region(encoded, box, (size, size), margin=True)
 
 
 def _read_options():
   opts = tf.data.Options()
   opts.deterministic = True
+  return opts
+
+
+def _pipeline_options():
+  """As big_vision's input pipeline: each op of the per-image map runs on one thread (the map's
+  parallel calls already occupy every core; op-level threads only contend with them), in a
+  thread pool of this pipeline's own."""
+  opts = _read_options()
+  opts.threading.max_intra_op_parallelism = 1
+  opts.threading.private_threadpool_size = len(os.sched_getaffinity(0)) if hasattr(
+      os, "sched_getaffinity") else (os.cpu_count() or 1)
   return opts
 
 
@@ -741,7 +818,7 @@ def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
                                  "label": tf.cast(ex["label"], tf.int32)},
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(_prefetch(config))
-    return ds.as_numpy_iterator()
+    return ds.with_options(_pipeline_options()).as_numpy_iterator()
 
   def batches():
     e, skip = divmod(int(start_step), steps)
@@ -788,10 +865,11 @@ def _imagenet_eval(config, batch_size, split, pidx, pcount):
 def _pad_and_batch(ds, num_real: int, num_batches: int, batch_size: int, image_shape,
                    prefetch: int) -> Iterator[dict]:
   pad = num_batches * batch_size - num_real
-  blank = {"image": tf.zeros(image_shape, tf.float32), "label": tf.constant(0, tf.int32),
+  blank = {"image": tf.zeros(image_shape, ds.element_spec["image"].dtype), "label": tf.constant(0, tf.int32),
            "mask": tf.constant(0.0)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
-  return iter(ds.batch(batch_size).prefetch(prefetch).as_numpy_iterator())
+  ds = ds.batch(batch_size).prefetch(prefetch).with_options(_pipeline_options())
+  return iter(ds.as_numpy_iterator())
 
 
 def dataset_info(config) -> DatasetInfo:
