@@ -3,7 +3,9 @@
 The only module that imports TensorFlow (the ImageNet test fixture reaches it through here). It
 hides GPUs/TPUs from TensorFlow on import, so tf.data never takes accelerator memory from JAX.
 
-Config keys read (an ml_collections ConfigDict; a missing key takes its default):
+Config keys read (an ml_collections ConfigDict; a key left out or None takes its default from
+`bireal_jax.config.data_option`, the one place the data options are defaulted; `config.validate`
+checks them for the command line):
   dataset              "fashion_mnist" | "imagenet2012" (required).
   data_dir             tfds data dir; None = tfds' default ($TFDS_DATA_DIR or
                        ~/tensorflow_datasets).
@@ -42,9 +44,17 @@ Semantics shared by both datasets:
     for Fashion-MNIST, which augments a whole batch at once), so an iterator started at step k
     yields exactly what a fresh one yields from its k-th batch on. Resuming ImageNet mid-epoch
     reads (without decoding) the part of the epoch already seen; Fashion-MNIST skips indices only.
-  * Images: float32 [H, W, C]; pixels scaled to [0, 1], then normalised with the dataset's
-    per-channel mean/std (Fashion-MNIST's train set: 0.2860/0.3530; ImageNet's usual
-    (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225)). Labels int32.
+  * Images: Fashion-MNIST float32 [H, W, 1], pixels scaled to [0, 1] and normalised with its
+    train set's mean/std (0.2860/0.3530). ImageNet uint8 RGB [H, W, 3] (4x fewer bytes to the
+    device, no float work on the host), which the train steps normalise on the device with
+    the usual (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225) (`bireal_jax.pixels`,
+    `bireal_jax.train.steps.model_input`). Labels int32.
+  * ImageNet decoding reads only what the output needs: the crop window (train) or the centre
+    crop's region of the image (eval), at JPEG DCT scale 1/2 or 1/4 when that region is at least
+    2x or 4x the output; one antialiased bilinear resize (tf.image.resize's kernel) computes the
+    output pixels alone. Without DCT scaling the pixels are those of a float resize of the full
+    decode, rounded; with it they differ slightly (tests/test_imagenet_pipeline.py,
+    test_uint8_pixels_match_the_float_pipeline, states by how much).
 
 ImageNet's odd and damaged files:
   * Decoding looks at the bytes, not the name: JPEGs (grayscale, RGB and CMYK alike) go through
@@ -99,6 +109,7 @@ import tensorflow_datasets as tfds  # noqa: E402  (after the devices are hidden)
 DATASETS = ("fashion_mnist", "imagenet2012")
 
 # The IDX files and their constants live in a TensorFlow-free module (experiments read them too).
+from bireal_jax import config as config_lib  # noqa: E402
 from bireal_jax import storage  # noqa: E402
 from bireal_jax.idx_files import (FMNIST_DIR, FMNIST_FILE_NAMES, FMNIST_FILES,  # noqa: E402
                                   FMNIST_MEAN, FMNIST_PAD, FMNIST_STD, missing_fashion_mnist_files,
@@ -108,19 +119,11 @@ from bireal_jax.pixels import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 IMAGENET_ARCHIVES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 _SPLIT_ARCHIVES = {"train": IMAGENET_ARCHIVES[0], "validation": IMAGENET_ARCHIVES[1],
                    "test": "ILSVRC2012_img_test.tar"}
-BAD_IMAGES = ("skip", "error")
 _CHECK_FILE = "bireal_jax_decode_check.{split}.json"
 _CHECK_VERSION = 1
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 RRC_ATTEMPTS = 10  # as torchvision RandomResizedCrop
-
-_DEFAULTS = {
-    "fashion_mnist": dict(image_size=28, eval_split="test", manual_dir=FMNIST_DIR),
-    "imagenet2012": dict(image_size=224, eval_split="validation", manual_dir=None,
-                         bad_images="skip"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -141,9 +144,8 @@ def _dataset(config) -> str:
 
 
 def _get(config, key: str):
-  default = _DEFAULTS[_dataset(config)].get(key)
-  value = config.get(key, None)
-  return default if value is None else value
+  # Defaults and their documentation live in bireal_jax.config, one place for every job.
+  return config_lib.data_option(config, key)
 
 
 def _image_size(config) -> int:
@@ -154,8 +156,7 @@ def _image_size(config) -> int:
 
 
 def _prefetch(config) -> int:
-  p = config.get("prefetch", None)
-  p = 2 if p is None else int(p)
+  p = int(_get(config, "prefetch"))
   return tf.data.AUTOTUNE if p < 0 else p
 
 
@@ -288,11 +289,11 @@ def fashion_mnist_arrays(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if manual_dir and os.path.exists(path):
       st = os.stat(path)
       stamp.append((f, st.st_mtime_ns, st.st_size))
-  return _fmnist_arrays_cached(manual_dir, config.get("data_dir"), tuple(stamp))
+  return _fmnist_arrays_cached(manual_dir, _get(config, "data_dir"), tuple(stamp))
 
 
 def _fmnist_augment(config) -> str:
-  aug = config.get("augment", None) or "none"
+  aug = _get(config, "augment")
   if aug not in ("none", "crop_flip"):
     raise ValueError(f"augment={aug!r} for fashion_mnist; expected 'none' or 'crop_flip'")
   return aug
@@ -390,38 +391,60 @@ def _imagenet_builder_cached(data_dir, manual_dir):
         "(preparation runs once and writes the dataset under data_dir).")
   logging.info("Preparing imagenet2012 from %s into %s (once; hours for the full archives)",
                manual_dir, builder.data_dir)
-  _name_conversion_failures(builder)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:
+    damaged = _damaged_converted_file(manual_dir)
+    if damaged is None:
+      raise
+    path, error = damaged
+    raise ValueError(
+        f"imagenet2012 preparation: tfds could not re-encode {path} (a name on its list of "
+        f"CMYK/PNG images it converts to RGB JPEG): {error.rstrip('.')}. The archive is "
+        "damaged; download it again.") from e
   return builder
 
 
-def _name_conversion_failures(builder) -> None:
-  """Makes a failure of tfds' CMYK/PNG re-encoding (train files on its lists) name the file.
+def _tfds_converted_names() -> tuple[str, ...]:
+  """The train file names tfds' imagenet2012 builder re-encodes (CMYK and PNG), by its public
+  module constants; () where this tfds has none."""
+  try:
+    from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as m
+  except ImportError:
+    return ()
+  return tuple(getattr(m, "CMYK_IMAGES", ())) + tuple(getattr(m, "PNG_IMAGES", ()))
 
-  tfds' imagenet2012 builder calls `self._fix_image(file_name, fobj)` for every train image and
-  re-encodes the listed ones with TensorFlow, whose error says nothing of which file it was.
-  """
-  fix = getattr(builder, "_fix_image", None)
-  if fix is None:  # another tfds version: its own errors stand
-    return
 
-  def fix_image(image_fname, image):
-    try:
-      return fix(image_fname, image)
-    except Exception as e:
-      raise ValueError(
-          "imagenet2012 preparation: tfds could not re-encode "
-          f"{_archive_path('train', image_fname)} (a name on its list of CMYK/PNG images it "
-          "converts to RGB JPEG): "
-          f"{_tf_error_text(e).rstrip('.')}. The archive is damaged; download it again.") from e
-
-  builder._fix_image = fix_image
+def _damaged_converted_file(manual_dir: str) -> tuple[str, str] | None:
+  """(archive path, decoder error) of the first file on tfds' conversion lists that does not
+  decode, else None. Read only after a failed preparation: tfds' own error says nothing of which
+  file it was. Looks at the listed files alone (one synset tar each)."""
+  import tarfile
+  names = set(_tfds_converted_names())
+  synsets = {n.split("_")[0] + ".tar" for n in names}
+  try:
+    with tarfile.open(os.path.join(manual_dir, IMAGENET_ARCHIVES[0])) as outer:
+      for member in outer:
+        if member.name not in synsets:
+          continue
+        with tarfile.open(fileobj=outer.extractfile(member)) as inner:
+          for m in inner:
+            if m.name not in names:
+              continue
+            data = inner.extractfile(m).read()
+            try:
+              tf.io.decode_image(data, channels=3, expand_animations=False)
+            except tf.errors.OpError as e:
+              return _archive_path("train", m.name), _tf_error_text(e)
+  except (OSError, tarfile.TarError):
+    return None
+  return None
 
 
 def imagenet_builder(config):
   """The prepared tfds `imagenet2012` builder, preparing it from manual_dir the first time."""
-  return _imagenet_builder_cached(config.get("data_dir"), _get(config, "manual_dir"))
+  return _imagenet_builder_cached(_get(config, "data_dir"), _get(config, "manual_dir"))
 
 
 def _imagenet_sizes(builder) -> dict[str, int]:
@@ -456,8 +479,8 @@ def _tf_error_text(e: BaseException) -> str:
 
 def _bad_images_policy(config) -> str:
   policy = _get(config, "bad_images")
-  if policy not in BAD_IMAGES:
-    raise ValueError(f"bad_images={policy!r}; expected one of {list(BAD_IMAGES)}")
+  if policy not in config_lib.BAD_IMAGES:
+    raise ValueError(f"bad_images={policy!r}; expected one of {list(config_lib.BAD_IMAGES)}")
   return policy
 
 
@@ -537,7 +560,14 @@ def _bad_images_cached(builder, split: str) -> tuple[BadImage, ...]:
   return bad
 
 
-_SKIPS_LOGGED: set = set()
+_SKIPS_LOGGED: set = set()  # (data_dir, split) whose skipped images this process has logged
+
+
+def clear_caches() -> None:
+  """Forget the decode-check records read and the skip warnings shown by this process, as a
+  new process would (the records on disk stay)."""
+  _bad_images_cached.cache_clear()
+  _SKIPS_LOGGED.clear()
 
 
 def _usable(config, builder, split: str) -> tuple[str, int, int, tuple[int, ...]]:
@@ -777,11 +807,19 @@ def _imagenet_read(builder, split: str, *, shuffle_seed: int | None):
 
 
 @contextlib.contextmanager
-def _decode_errors_explained(builder, split: str, where: str):
-  """A decode error despite the decode check (the dataset changed since?) says so, and where."""
+def _decode_errors_explained(builder, split: str, where: str, *,
+                             decode_error=tf.errors.InvalidArgumentError):
+  """A decode error despite the decode check (the dataset changed since?) says so, and where.
+
+  `decode_error` is bound when this is defined: an iterator still open at interpreter exit is
+  closed (GeneratorExit through here) after the module's globals are gone, when looking `tf`
+  up would raise AttributeError.
+  """
   try:
     yield
-  except tf.errors.InvalidArgumentError as e:
+  except GeneratorExit:
+    raise
+  except decode_error as e:
     raise RuntimeError(
         f"imagenet2012 {where}: an image failed to decode ({_tf_error_text(e)}) although the "
         f"decode check recorded in {_check_path(builder, split)} passed it: were the dataset "
@@ -799,10 +837,10 @@ def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
                      f"process {pidx}")
   split = _split_of("train", _good_ranges(start, end, bad, a, b), start + a)
   size = _image_size(config)
-  buffer = int(config.get("shuffle_buffer_size", None) or 16384)
+  buffer = int(_get(config, "shuffle_buffer_size"))
   key0 = _base_key(seed, pidx)
-  cached = _imagenet_read(builder, split, shuffle_seed=None).cache() if config.get(
-      "cache", False) else None
+  cached = _imagenet_read(builder, split, shuffle_seed=None).cache() if _get(
+      config, "cache") else None
 
   def epoch_batches(e: int, skip: int):
     file_seed, buffer_seed = _int_seeds(_fold(key0, e, _SHUFFLE), 2)
@@ -849,7 +887,7 @@ def _imagenet_eval(config, batch_size, split, pidx, pcount):
   # Memoised, so an in-memory cache survives from one evaluation to the next.
   ds = _imagenet_eval_dataset(builder, _split_of(name, _good_ranges(start, end, bad, a, b),
                                                  start + a),
-                              size, bool(config.get("cache", False)))
+                              size, bool(_get(config, "cache")))
   it = _pad_and_batch(ds, b - a, _eval_batches(num_good, pcount, batch_size), batch_size,
                       (size, size, 3), _prefetch(config))
 

@@ -179,6 +179,21 @@ def test_random_resized_crop_window():
   assert tall.tolist() == [(200 - 13) // 2, 0, 13, 10]
 
 
+def test_no_traceback_when_the_process_exits_holding_iterators(tiny):
+  import subprocess
+  import sys
+  _, cfg = tiny
+  code = ("import sys, ml_collections; from bireal_jax import input_pipeline as ip; "
+          f"cfg = ml_collections.ConfigDict({cfg.to_dict()!r}); "
+          "kw = dict(batch_size=4, process_index=0, process_count=1); "
+          "t = ip.create_train_iter(cfg, seed=0, **kw); next(t); "
+          "e = ip.create_eval_iter(cfg, **kw); next(e); print('held')")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+  assert r.returncode == 0 and "held" in r.stdout, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-2000:]
+
+
 def test_grayscale_jpegs_become_rgb(tiny):
   fixture, cfg = tiny
   assert fixture.grayscale_files  # the fixture stores one train JPEG with a single channel
@@ -293,7 +308,7 @@ def test_odd_files_decode_to_rgb_through_train_and_eval(odd):
 def test_damaged_images_are_named_counted_and_skipped_before_training(odd, caplog,
                                                                       monkeypatch):
   fixture, cfg = odd
-  ip._SKIPS_LOGGED.clear()  # the warnings come once per process; show them again here
+  ip.clear_caches()  # the warnings come once per process; show them again here
   with caplog.at_level("WARNING"):
     info = ip.dataset_info(cfg)
   damaged = {s: odd_of(fixture, s, decodable=False) for s in ("train", "validation")}
@@ -308,7 +323,7 @@ def test_damaged_images_are_named_counted_and_skipped_before_training(odd, caplo
       assert f"skipping {o.member}" in caplog.text
   assert "2 of 18 images do not decode" in caplog.text and "1 of 7" in caplog.text
   # Recorded next to the dataset: a new process reads the record instead of decoding again.
-  ip._bad_images_cached.cache_clear()
+  ip.clear_caches()
   monkeypatch.setattr(ip, "_scan_split", lambda *a: pytest.fail("checked again"))
   assert len(ip.imagenet_bad_images(cfg, "train")) == 2
   # Epochs, shards and eval never meet a damaged image: every good one appears once.
