@@ -67,7 +67,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.mode = "train"  # "train" (with periodic eval) | "eval" (top-1/top-5 of the workdir checkpoint)
   c.seed = 0
 
-  # Data: read by bireal_jax.input_pipeline.
+  # Data: read by bireal_jax.data through data_option() (its per-dataset defaults are below).
   c.dataset = "imagenet2012"
   c.data_dir = config_dict.placeholder(str)  # None: the tfds default
   c.manual_dir = config_dict.placeholder(str)  # where ILSVRC2012_img_{train,val}.tar live

@@ -14,6 +14,7 @@ import pytest
 from bireal_jax import imagenet_fixture as fx
 from bireal_jax import input_pipeline as ip
 from bireal_jax import pixels
+from bireal_jax.data import decode_check
 
 SIZE = 32  # eval resizes the shorter side to round(256 * 32 / 224) = 37
 MEAN, STD = np.array(ip.IMAGENET_MEAN), np.array(ip.IMAGENET_STD)
@@ -324,7 +325,7 @@ def test_damaged_images_are_named_counted_and_skipped_before_training(odd, caplo
   assert "2 of 18 images do not decode" in caplog.text and "1 of 7" in caplog.text
   # Recorded next to the dataset: a new process reads the record instead of decoding again.
   ip.clear_caches()
-  monkeypatch.setattr(ip, "_scan_split", lambda *a: pytest.fail("checked again"))
+  monkeypatch.setattr(decode_check, "_scan_split", lambda *a: pytest.fail("checked again"))
   assert len(ip.imagenet_bad_images(cfg, "train")) == 2
   # Epochs, shards and eval never meet a damaged image: every good one appears once.
   good_train = collections.Counter(
@@ -371,7 +372,7 @@ def test_bad_images_error_names_every_damaged_file(odd):
 def test_decode_error_the_check_missed_says_where_and_what_to_do(odd, monkeypatch):
   _, cfg = odd
   # As if the record had passed every image (dataset files rewritten after the check).
-  monkeypatch.setattr(ip, "_bad_images_cached", lambda builder, split: ())
+  monkeypatch.setattr(decode_check, "_bad_images_cached", lambda builder, split: ())
   with pytest.raises(RuntimeError, match="eval of validation: an image failed to decode") as e:
     list(ip.create_eval_iter(cfg, batch_size=8, process_index=0, process_count=1))
   assert "bireal_jax_decode_check.validation.json" in str(e.value)
