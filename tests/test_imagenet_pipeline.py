@@ -442,8 +442,9 @@ def _float_eval_image(encoded, size):
 # The stated tolerance, in 0..255 levels. Without DCT scaling the uint8 pipeline is the float
 # one rounded (|d| <= 0.5). A window at least twice the output decodes at 1/2 or 1/4 scale
 # (the decoder's box average stands in for part of the antialiasing filter): measured on the
-# noisy fixture images mean |d| ~0.9 and max ~3.5, on a natural photo (600x512) mean 1.2 and
-# up to ~45 at sharp edges; the bounds leave room for other JPEG libraries.
+# noisy fixture images mean |d| ~0.9 and max ~3.5; on a natural photo (600x512) train crops
+# mean 0.4-1.2 and up to ~45 at sharp edges, and an eval image whose short side is exactly 2x
+# the resize target mean 2.6, up to 71 (docs/speed.md). The bounds are for the fixture images.
 EXACT_MAX = 0.5 + 1e-3
 SCALED_MEAN, SCALED_P99 = 1.5, 6.0
 
