@@ -16,12 +16,13 @@ from ml_collections import config_dict
 
 import dataclasses
 
-from bireal_jax import layers, models, quantizers
+from bireal_jax import idx_files, layers, models, quantizers
 from bireal_jax.models import bireal
 
 MODES = ("train", "eval")
 DATASETS = ("fashion_mnist", "imagenet2012", "synthetic")  # synthetic: no files, for smoke tests
 AUGMENTS = ("none", "crop_flip")
+BAD_IMAGES = ("skip", "error")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("linear_epoch", "linear", "cosine", "piecewise", "constant")
 MAPPINGS = ("pmap", "shard_map")
@@ -66,7 +67,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.mode = "train"  # "train" (with periodic eval) | "eval" (top-1/top-5 of the workdir checkpoint)
   c.seed = 0
 
-  # Data: read by bireal_jax.input_pipeline.
+  # Data: read by bireal_jax.data through data_option() (its per-dataset defaults are below).
   c.dataset = "imagenet2012"
   c.data_dir = config_dict.placeholder(str)  # None: the tfds default
   c.manual_dir = config_dict.placeholder(str)  # where ILSVRC2012_img_{train,val}.tar live
@@ -76,6 +77,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.shuffle_buffer_size = 16_384
   c.augment = "crop_flip"
   c.prefetch = 2  # batches tf.data prepares ahead (-1: AUTOTUNE), and kept ahead on devices
+  # imagenet2012: images that do not decode are "skip"ped (named in the log, left out of the
+  # splits) or an "error" before the first batch (docs/reliability.md).
+  c.bad_images = "skip"
 
   # Model: bireal_jax.models.get(model, **overrides), the overrides being every `BiRealNet` field
   # (`_model_fields`): stage_sizes (None: the model's own), base_width (stem width; stages double
@@ -155,6 +159,36 @@ def get_default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The defaults that depend on the dataset, for the data keys a config leaves at None (or leaves
+# out: tools and tests hand the input pipeline bare ConfigDicts holding only what they change).
+# Every other data key defaults as in get_default_config().
+DATA_KEYS = ("data_dir", "manual_dir", "image_size", "eval_split", "cache",
+              "shuffle_buffer_size", "augment", "prefetch", "bad_images")
+_DATASET_DEFAULTS = {
+    "fashion_mnist": dict(image_size=28, eval_split="test", manual_dir=idx_files.FMNIST_DIR,
+                          augment="none"),
+    "imagenet2012": dict(image_size=224, eval_split="validation", manual_dir=None),
+    "synthetic": dict(),
+}
+
+
+def data_option(config, key: str):
+  """`config.<key>` for a data key, or its default for `config.dataset` when None or absent.
+
+  The one place the input pipeline reads its options from (their defaults live here)."""
+  if key not in DATA_KEYS:
+    raise KeyError(f"data option {key!r} unknown; expected one of {list(DATA_KEYS)}")
+  value = config.get(key, None)
+  if value is not None:
+    return value
+  dataset = config.get("dataset")
+  if dataset not in _DATASET_DEFAULTS:
+    _fail("dataset", dataset, f"one of {list(DATASETS)}")
+  if key in _DATASET_DEFAULTS[dataset]:
+    return _DATASET_DEFAULTS[dataset][key]
+  return _GENERIC_DATA_DEFAULTS[key]
+
+
 def from_file(path: str, relative_to: Optional[str] = None) -> ml_collections.ConfigDict:
   """`get_config()` of the config file at `path` (recipes that build on another recipe's file).
 
@@ -171,6 +205,9 @@ def from_file(path: str, relative_to: Optional[str] = None) -> ml_collections.Co
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+_GENERIC_DATA_DEFAULTS = {k: get_default_config()[k] for k in DATA_KEYS}
 
 
 def _fail(key: str, value, expected: str):
@@ -201,6 +238,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: Optional[int] =
   _choice(c, "dataset", DATASETS)
   if c.dataset == "fashion_mnist":
     _choice(c, "augment", AUGMENTS)
+  _choice(c, "bad_images", BAD_IMAGES)
   _positive(c, "image_size")
   _positive(c, "shuffle_buffer_size")
   if not isinstance(c.prefetch, int) or c.prefetch < -1:

@@ -1,6 +1,6 @@
 """Fashion-MNIST's original IDX files: names, statistics and a checked numpy reader.
 
-No TensorFlow here: `bireal_jax.input_pipeline` builds its tf.data pipeline on these, and
+No TensorFlow here: `bireal_jax.data` builds its tf.data pipeline on these, and
 `experiments/fm_sweep.py` its numpy source for machines without TensorFlow.
 """
 from __future__ import annotations

@@ -118,7 +118,7 @@ def _image(rng: np.random.Generator, color: tuple[int, int], height: int, width:
 
 def _jpeg(img: np.ndarray, grayscale: bool = False) -> bytes:
   # Through the pipeline module: it hides accelerators from TensorFlow before first use.
-  from bireal_jax.input_pipeline import tf
+  from bireal_jax.data.tf_env import tf
   if grayscale:
     img = np.round(img @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
   return tf.io.encode_jpeg(img, quality=95).numpy()
@@ -144,7 +144,7 @@ def _odd_bytes(kind: str, shape: tuple[int, int], rng: np.random.Generator
     # What it should decode to, by PIL's reading of the file (independent of TensorFlow).
     rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64).mean((0, 1))
     return data, tuple(int(round(v)) for v in rgb)
-  from bireal_jax.input_pipeline import tf
+  from bireal_jax.data.tf_env import tf
   img = np.broadcast_to(np.array(colour, np.uint8), (*shape, 3))
   return tf.io.encode_png(img).numpy(), colour
 

@@ -14,8 +14,6 @@ def get_config():
   c.dataset = "fashion_mnist"
   c.image_size = 28
   c.eval_split = "test"
-  c.cache = True
-  c.shuffle_buffer_size = 60_000
   c.augment = "none"
 
   c.model = "bireal18"

@@ -129,7 +129,9 @@ def test_validate_names_key_value_and_expectation():
            ("grad_accum_steps", 3, "config.batch_size=512 is invalid: expected a multiple of "
             "grad_accum_steps=3"),
            ("dataset", "cifar10", "config.dataset='cifar10'"),
-           ("stage_sizes", (4, 0), "config.stage_sizes=(4, 0)")]
+           ("stage_sizes", (4, 0), "config.stage_sizes=(4, 0)"),
+           ("bad_images", "ignore",
+            "config.bad_images='ignore' is invalid: expected one of ['skip', 'error']")]
   for key, value, expected in cases:
     c = config_lib.get_default_config()
     c[key] = value
@@ -144,6 +146,29 @@ def test_validate_names_key_value_and_expectation():
   with pytest.raises(AttributeError):  # locked like the CLI's config: no new keys
     c.lock()
     c.learning_rate_typo = 1.0
+
+
+def test_every_data_option_is_a_config_key_settable_from_the_command_line(tmp_path):
+  flags = ["--config=configs/imagenet_bireal18.py", f"--workdir={tmp_path / 'run'}",
+           "--config.bad_images=error", "--config.cache=True", "--config.prefetch=4",
+           "--config.shuffle_buffer_size=1000", "--config.data_dir=/d", "--config.manual_dir=/m",
+           "--config.augment=none"]
+  # Every flag is a known key: the run stops at validation, on the one invalid value.
+  r = run_cli(*flags, "--config.batch_size=0", timeout=300)
+  assert r.returncode != 0 and "config.batch_size=0 is invalid" in r.stderr, r.stderr[-2000:]
+  r = run_cli(*flags, "--config.bad_images=ignore", timeout=300)
+  assert r.returncode != 0, r.stderr[-2000:]
+  assert "config.bad_images='ignore' is invalid: expected one of ['skip', 'error']" in r.stderr
+  c = config_lib.get_default_config()
+  for key in config_lib.DATA_KEYS:  # the pipeline reads each through data_option
+    assert key in c, key
+  # Defaults that depend on the dataset, for keys left at None or out.
+  bare = {"dataset": "fashion_mnist"}
+  assert config_lib.data_option(bare, "eval_split") == "test"
+  assert config_lib.data_option(bare, "image_size") == 28
+  assert config_lib.data_option({"dataset": "imagenet2012"}, "bad_images") == "skip"
+  with pytest.raises(KeyError, match="data option 'shuffle' unknown"):
+    config_lib.data_option(bare, "shuffle")
 
 
 def load_config_file(name):

@@ -8,7 +8,7 @@ import numpy as np
 
 
 class SyntheticData:
-  """Deterministic in-memory data with the `bireal_jax.input_pipeline` interface.
+  """Deterministic in-memory data with the `bireal_jax.data` interface.
 
   For smoke tests and throughput measurements without a dataset (`config.dataset =
   "synthetic"`): each image is its class's fixed random pattern plus noise, so a model can
@@ -66,5 +66,5 @@ def get_data(config):
   """The data source for `config.dataset` (module or object with the pipeline interface)."""
   if config.dataset == "synthetic":
     return SyntheticData
-  from bireal_jax import input_pipeline  # imports TensorFlow: only when real data is needed
-  return input_pipeline
+  from bireal_jax import data  # imports TensorFlow: only when real data is needed
+  return data

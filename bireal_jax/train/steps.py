@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from bireal_jax import models, optim
+from bireal_jax import models, optim, pixels
 from bireal_jax import config as config_lib
 from bireal_jax.train.distill import distillation_loss
 
@@ -30,6 +30,15 @@ class TrainState(train_state.TrainState):
 def create_model(config, num_classes: int, axis_name: Optional[str] = AXIS):
   return models.get(config.model, num_classes=num_classes, axis_name=axis_name,
                     **config_lib.model_overrides(config))
+
+
+def model_input(images):
+  """A batch's images as the model takes them: uint8 batches (raw RGB from the ImageNet
+  pipeline, `bireal_jax.pixels`) are normalised here, on the device; float ones arrive
+  normalised."""
+  if images.dtype == jnp.uint8:
+    return pixels.normalise_uint8(images, jnp)
+  return images
 
 
 def initialized(key, image_shape, model):
@@ -98,7 +107,7 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, learning_rat
   def micro_step(carry, micro):
     grads, batch_stats = carry
     (_, (logits, per_example, batch_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch_stats, micro["image"], micro["label"])
+        state.params, batch_stats, model_input(micro["image"]), micro["label"])
     grads = jax.tree.map(jnp.add, grads, g)
     mask = jnp.ones_like(per_example)
     return (grads, batch_stats), metric_sums(logits, micro["label"], per_example, mask)
@@ -132,6 +141,6 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, learning_rat
 def eval_step(state: TrainState, batch):
   """Metric sums of one eval batch over all devices; padded examples (mask 0) count nothing."""
   logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          batch["image"], train=False)
+                          model_input(batch["image"]), train=False)
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   return jax.lax.psum(metric_sums(logits, batch["label"], per_example, batch["mask"]), AXIS)

@@ -12,7 +12,7 @@ import numpy as np
 
 from bireal_jax import checkpoint
 from bireal_jax.train.mapping import Mapping, prefetch
-from bireal_jax.train.steps import TrainState
+from bireal_jax.train.steps import TrainState, model_input
 
 if TYPE_CHECKING:
   from bireal_jax.train.loop import _Setup
@@ -33,7 +33,7 @@ def bn_stats_step(stats_sum, state: TrainState, batch, *, apply_fn):
   exactly the (cross-device) batch statistics; their mean over batches is the estimate.
   """
   _, updates = apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                        batch["image"], train=True, mutable=["batch_stats"])
+                        model_input(batch["image"]), train=True, mutable=["batch_stats"])
   return jax.tree.map(jnp.add, stats_sum, updates["batch_stats"])
 
 

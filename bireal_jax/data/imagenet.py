@@ -1,0 +1,129 @@
+"""ImageNet iterators: seeded, resumable train epochs and padded, sharded eval passes."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator
+
+from bireal_jax.data.augment import (_AUGMENT, _SHUFFLE, _base_key, _fold, _int_seeds,
+                                     imagenet_eval_image, imagenet_train_image)
+from bireal_jax.data.decode_check import _check_path, _usable
+from bireal_jax.data.imagenet_prep import (_imagenet_read, _read_options, _tf_error_text,
+                                           imagenet_builder)
+from bireal_jax.data.options import _get, _image_size, _prefetch
+from bireal_jax.data.splits import _eval_batches, _good_ranges, _split_of, shard_range
+from bireal_jax.data.tf_env import tf
+
+
+def _pipeline_options():
+  """As big_vision's input pipeline: each op of the per-image map runs on one thread (the map's
+  parallel calls already occupy every core; op-level threads only contend with them), in a
+  thread pool of this pipeline's own."""
+  opts = _read_options()
+  opts.threading.max_intra_op_parallelism = 1
+  opts.threading.private_threadpool_size = len(os.sched_getaffinity(0)) if hasattr(
+      os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return opts
+
+
+@contextlib.contextmanager
+def _decode_errors_explained(builder, split: str, where: str, *,
+                             decode_error=tf.errors.InvalidArgumentError):
+  """A decode error despite the decode check (the dataset changed since?) says so, and where.
+
+  `decode_error` is bound when this is defined: an iterator still open at interpreter exit is
+  closed (GeneratorExit through here) after the module's globals are gone, when looking `tf`
+  up would raise AttributeError.
+  """
+  try:
+    yield
+  except GeneratorExit:
+    raise
+  except decode_error as e:
+    raise RuntimeError(
+        f"imagenet2012 {where}: an image failed to decode ({_tf_error_text(e)}) although the "
+        f"decode check recorded in {_check_path(builder, split)} passed it: were the dataset "
+        "files rewritten since? Delete that record to check them again, and see which file it "
+        "is.") from e
+
+
+def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
+  builder = imagenet_builder(config)
+  _, start, end, bad = _usable(config, builder, "train")  # before any epoch: raises or skips
+  a, b = shard_range(0, end - start - len(bad), pidx, pcount, drop_remainder=True)
+  steps = (b - a) // batch_size
+  if steps < 1:
+    raise ValueError(f"batch_size={batch_size} exceeds the {b - a} train examples of "
+                     f"process {pidx}")
+  split = _split_of("train", _good_ranges(start, end, bad, a, b), start + a)
+  size = _image_size(config)
+  buffer = int(_get(config, "shuffle_buffer_size"))
+  key0 = _base_key(seed, pidx)
+  cached = _imagenet_read(builder, split, shuffle_seed=None).cache() if _get(
+      config, "cache") else None
+
+  def epoch_batches(e: int, skip: int):
+    file_seed, buffer_seed = _int_seeds(_fold(key0, e, _SHUFFLE), 2)
+    aug_key = _fold(key0, e, _AUGMENT)
+    if cached is not None:
+      ds = cached
+    else:
+      ds = _imagenet_read(builder, split, shuffle_seed=file_seed)
+    ds = ds.shuffle(buffer, seed=buffer_seed, reshuffle_each_iteration=False)
+    ds = ds.take(steps * batch_size).enumerate().skip(skip * batch_size)
+    ds = ds.map(lambda pos, ex: {"image": imagenet_train_image(ex["image"], size,
+                                                               _fold(aug_key, pos)),
+                                 "label": tf.cast(ex["label"], tf.int32)},
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(_prefetch(config))
+    return ds.with_options(_pipeline_options()).as_numpy_iterator()
+
+  def batches():
+    e, skip = divmod(int(start_step), steps)
+    while True:
+      with _decode_errors_explained(builder, "train", f"train epoch {e}"):
+        yield from epoch_batches(e, skip)
+      e, skip = e + 1, 0
+
+  return batches()
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_eval_dataset(builder, split, size, cache):
+  ds = _imagenet_read(builder, split, shuffle_seed=None)
+  if cache:
+    ds = ds.cache()
+  return ds.map(lambda ex: {"image": imagenet_eval_image(ex["image"], size),
+                            "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _imagenet_eval(config, batch_size, split, pidx, pcount):
+  builder = imagenet_builder(config)
+  name, start, end, bad = _usable(config, builder, split)
+  num_good = end - start - len(bad)
+  a, b = shard_range(0, num_good, pidx, pcount, drop_remainder=False)
+  size = _image_size(config)
+  # Memoised, so an in-memory cache survives from one evaluation to the next.
+  ds = _imagenet_eval_dataset(builder, _split_of(name, _good_ranges(start, end, bad, a, b),
+                                                 start + a),
+                              size, bool(_get(config, "cache")))
+  it = _pad_and_batch(ds, b - a, _eval_batches(num_good, pcount, batch_size), batch_size,
+                      (size, size, 3), _prefetch(config))
+
+  def batches():
+    with _decode_errors_explained(builder, name, f"eval of {split}"):
+      yield from it
+
+  return batches()
+
+
+def _pad_and_batch(ds, num_real: int, num_batches: int, batch_size: int, image_shape,
+                   prefetch: int) -> Iterator[dict]:
+  pad = num_batches * batch_size - num_real
+  blank = {"image": tf.zeros(image_shape, ds.element_spec["image"].dtype), "label": tf.constant(0, tf.int32),
+           "mask": tf.constant(0.0)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
+  ds = ds.batch(batch_size).prefetch(prefetch).with_options(_pipeline_options())
+  return iter(ds.as_numpy_iterator())
