@@ -34,7 +34,7 @@ import numpy as np
 from bireal_jax import models
 
 # name -> (block, blocks per stage), e.g. "bireal18": ("basic", (4, 4, 4, 4))
-ARCHS = {n: (a["block"], tuple(a["stage_sizes"])) for n, a in models._ARCHS.items()}
+ARCHS = {n: (a["block"], tuple(a["stage_sizes"])) for n, a in models.ARCHS.items()}
 # larq-zoo builds every BatchNormalization with Keras' default epsilon and momentum=0.8; the
 # .h5 weights file does not store either, so they are constants of the source.
 LARQ_BN_EPSILON = 1e-3

@@ -48,7 +48,7 @@ def get_init(name: Union[str, Callable]) -> Callable:
   return KERNEL_INITS[name]
 
 
-def _pairs(v, n: int, what: str) -> Tuple[int, ...]:
+def pairs(v, n: int, what: str) -> Tuple[int, ...]:
   t = (v,) * n if isinstance(v, int) else tuple(v)
   if len(t) != n or any((not isinstance(i, int)) or i < 1 for i in t):
     raise ValueError(f"{what} must be a positive int or {n} positive ints, got {v!r}")
@@ -149,8 +149,8 @@ class BinaryConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    ks = _pairs(tuple(self.kernel_size), 2, "kernel_size")
-    strides = _pairs(self.strides, 2, "strides")
+    ks = pairs(tuple(self.kernel_size), 2, "kernel_size")
+    strides = pairs(self.strides, 2, "strides")
     if x.ndim != 4:
       raise ValueError(f"BinaryConv expects NHWC inputs of rank 4, got shape {x.shape}")
     in_features = x.shape[-1]
@@ -201,7 +201,7 @@ class BatchNorm(nn.BatchNorm):
     return y
 
 
-def _avg_pool(x: jax.Array, s: int) -> jax.Array:
+def avg_pool(x: jax.Array, s: int) -> jax.Array:
   """s×s average pool, stride s. On even sizes this is PyTorch's `AvgPool2d(s, s)`; on odd sizes
   the edge window is averaged over its valid pixels, so it matches a stride-s conv's output size."""
   # Stays a reduce_window: a strided-slice version fused worse here than reduce_window, unlike
@@ -220,7 +220,7 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.strides > 1:
-      x = _avg_pool(x, self.strides)
+      x = avg_pool(x, self.strides)
     x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype,
                 kernel_init=torch_default_init, conv_general_dilated=conv_general_dilated,
                 name="conv")(x)
@@ -304,7 +304,7 @@ class BiRealBottleneck(nn.Module):
     out2 = self.norm(name="bn2")(out2)
     mid_sc = out1
     if self.is_downsample and self.strides == 2:
-      mid_sc = _avg_pool(out1, 2)
+      mid_sc = avg_pool(out1, 2)
     out2 = out2 + mid_sc
 
     out3 = conv(self.features, 1, 1, self.activation, self.kernel_quantizer, "conv3")(out2)

@@ -157,7 +157,7 @@ def test_two_step_init_from_clip_run_and_eval_only_mode(tmp_path, capsys):
   res_clip = train.train_and_evaluate(tiny_config(model="bireal18_real"), clip)
   clip_state = load_state(clip)
   # The binary model starts exactly from the clip run's params and BN statistics.
-  s = train._Setup(tiny_config(), binary, None)
+  s = train.Setup(tiny_config(), binary, None)
   state = train.init_from_checkpoint(s.new_state(), clip, s.mapping)
   assert_same_tree(jax.tree.map(np.asarray, state.params), clip_state["params"])
   assert_same_tree(jax.tree.map(np.asarray, state.batch_stats), clip_state["batch_stats"])

@@ -45,7 +45,7 @@ def teacher_dir():
 
 def run_distilled(config, mapping, batches, teacher_dir, weight, temperature=2.0):
   teacher_model, teacher_vars = train.load_teacher(
-      teacher_dir, train._identity(config, train.create_model(config, 10),
+      teacher_dir, train.identity(config, train.create_model(config, 10),
                                    train.SyntheticData.dataset_info(config)))
   step = mapping.map(functools.partial(
       train.train_step, learning_rate_fn=lr_fn_of(config),

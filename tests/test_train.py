@@ -247,7 +247,7 @@ def test_latent_weight_clip_and_weight_decay_masks_in_the_optimizer():
 
 def test_bn_reestimation_gives_mean_batch_statistics(tmp_path):
   c = tiny_config(bn_reestimate_steps=3, num_train_steps=1)
-  s = train._Setup(c, str(tmp_path), None)
+  s = train.Setup(c, str(tmp_path), None)
   state = s.new_state()
   pstate = s.mapping.put_replicated(state)
   new = s.mapping.to_host(train.reestimate_batch_stats(s, pstate, 3, start_step=5))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bireal_jax import ops, quantizers
-from bireal_jax.layers import _avg_pool
+from bireal_jax.layers import avg_pool
 from bireal_jax.models import plan
 from bireal_jax.ops.bits import WORD_BITS, float_conv, int8_conv, unpack_kernel
 
@@ -77,7 +77,7 @@ def _real(e, x, stride, pad):
 
 def _downsample(e, x, stride):
   if stride > 1:
-    x = _avg_pool(x, stride)
+    x = avg_pool(x, stride)
   return _real(e, x, 1, 0)
 
 
@@ -105,7 +105,7 @@ def _bottleneck_unit(p, u, x1, x2, impl):
       x1 = _real(e["down_conv1x1"], x1, 1, 0)
     out1 = _binary(e["conv1"], x2, 1, 0, impl, x1)
   out2 = _binary(e["conv2"], out1, u.stride, 1, impl,
-                 _avg_pool(out1, 2) if u.is_downsample and u.stride == 2 else out1)
+                 avg_pool(out1, 2) if u.is_downsample and u.stride == 2 else out1)
   outer = _downsample(e["downsample"], x2, u.stride) if u.is_downsample else x2
   return out2, _binary(e["conv3"], out2, 1, 0, impl, outer)
 

@@ -13,18 +13,18 @@ import jax.numpy as jnp
 
 from bireal_jax.models.bireal import BiRealNet
 
-_ARCHS: dict[str, dict[str, Any]] = {
+ARCHS: dict[str, dict[str, Any]] = {
     "bireal18": dict(stage_sizes=(4, 4, 4, 4), block="basic"),
     "bireal34": dict(stage_sizes=(6, 8, 12, 6), block="basic"),
     "bireal50": dict(stage_sizes=(3, 4, 6, 3), block="bottleneck"),
     "bireal152": dict(stage_sizes=(3, 8, 36, 3), block="bottleneck"),
 }
 REAL_TWIN = dict(activation="hardtanh", kernel_quantizer=None)
-_FIELDS = {f.name for f in dataclasses.fields(BiRealNet)} - {"parent", "name"}
+FIELDS = {f.name for f in dataclasses.fields(BiRealNet)} - {"parent", "name"}
 
 
 def names() -> list[str]:
-  return sorted(list(_ARCHS) + [f"{n}_real" for n in _ARCHS])
+  return sorted(list(ARCHS) + [f"{n}_real" for n in ARCHS])
 
 
 def _dtype(v):
@@ -34,13 +34,13 @@ def _dtype(v):
 def get(name: str, **overrides: Any) -> BiRealNet:
   """Build a registered model; `overrides` set any `BiRealNet` attribute."""
   base, real = (name[:-5], True) if name.endswith("_real") else (name, False)
-  if base not in _ARCHS:
+  if base not in ARCHS:
     raise ValueError(f"unknown model {name!r}; expected one of {names()}")
-  unknown = set(overrides) - _FIELDS
+  unknown = set(overrides) - FIELDS
   if unknown:
     raise ValueError(f"unknown model option(s) {sorted(unknown)} for {name!r}; "
-                     f"expected some of {sorted(_FIELDS)}")
-  kw = dict(_ARCHS[base], **(REAL_TWIN if real else {}), **overrides)
+                     f"expected some of {sorted(FIELDS)}")
+  kw = dict(ARCHS[base], **(REAL_TWIN if real else {}), **overrides)
   for k in ("dtype", "param_dtype"):
     if k in kw:
       kw[k] = _dtype(kw[k])
@@ -50,7 +50,7 @@ def get(name: str, **overrides: Any) -> BiRealNet:
 def to_config(model: BiRealNet) -> dict[str, Any]:
   """JSON-able description of `model` (inverse of `from_config`)."""
   cfg = {}
-  for f in sorted(_FIELDS):
+  for f in sorted(FIELDS):
     v = getattr(model, f)
     if f in ("dtype", "param_dtype"):
       v = jnp.dtype(v).name
@@ -64,9 +64,9 @@ def to_config(model: BiRealNet) -> dict[str, Any]:
 
 def from_config(cfg: dict[str, Any]) -> BiRealNet:
   """Rebuild a model from `to_config` output."""
-  unknown = set(cfg) - _FIELDS
+  unknown = set(cfg) - FIELDS
   if unknown:
-    raise ValueError(f"unknown model option(s) {sorted(unknown)}; expected some of {sorted(_FIELDS)}")
+    raise ValueError(f"unknown model option(s) {sorted(unknown)}; expected some of {sorted(FIELDS)}")
   kw = dict(cfg)
   if "stage_sizes" in kw:
     kw["stage_sizes"] = tuple(kw["stage_sizes"])

@@ -34,7 +34,7 @@ from bireal_jax.nnx.layers import (BatchNorm, BinaryConv, BiRealBlock, BiRealBot
 
 # Linen collection <-> NNX variable type.
 COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
-_FIELDS = tuple(sorted(_models._FIELDS))
+_FIELDS = tuple(sorted(_models.FIELDS))
 
 
 def names() -> list[str]:

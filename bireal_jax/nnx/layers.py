@@ -1,7 +1,7 @@
 """Bi-Real layers as Flax NNX modules, twins of the Linen layers in `bireal_jax.layers`.
 
 Each module computes through the very functions the Linen one runs (`quantizers.get`,
-`layers.binary_conv`, `ops.conv2d`, `ops.batch_norm_train`, `layers._avg_pool`) and holds the same
+`layers.binary_conv`, `ops.conv2d`, `ops.batch_norm_train`, `layers.avg_pool`) and holds the same
 variables under the same attribute names, so `nnx.state(module, nnx.Param)` is the Linen
 `params` tree and `nnx.state(module, nnx.BatchStat)` the Linen `batch_stats` tree.
 
@@ -49,8 +49,8 @@ class BinaryConv(nnx.Module):
                dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                kernel_init: Union[str, Callable] = "official",
                bias_init: Callable = jax.nn.initializers.zeros, rngs: nnx.Rngs):
-    self.kernel_size = _linen_layers._pairs(tuple(kernel_size), 2, "kernel_size")
-    self.strides = _linen_layers._pairs(strides, 2, "strides")
+    self.kernel_size = _linen_layers.pairs(tuple(kernel_size), 2, "kernel_size")
+    self.strides = _linen_layers.pairs(strides, 2, "strides")
     self.padding = _linen_layers._padding(padding, 2)
     self.in_features, self.features = int(in_features), int(features)
     self.input_quantizer, self.kernel_quantizer = input_quantizer, kernel_quantizer
@@ -91,8 +91,8 @@ class Conv(nnx.Module):
                strides: Union[int, Sequence[int]] = 1, padding: PaddingLike = "SAME", *,
                dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                kernel_init: Callable = torch_default_init, rngs: nnx.Rngs):
-    self.kernel_size = _linen_layers._pairs(tuple(kernel_size), 2, "kernel_size")
-    self.strides = _linen_layers._pairs(strides, 2, "strides")
+    self.kernel_size = _linen_layers.pairs(tuple(kernel_size), 2, "kernel_size")
+    self.strides = _linen_layers.pairs(strides, 2, "strides")
     self.padding = _linen_layers._padding(padding, 2)
     self.in_features, self.features = int(in_features), int(features)
     self.dtype, self.param_dtype = dtype, param_dtype
@@ -179,7 +179,7 @@ class Downsample(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.strides > 1:
-      x = _linen_layers._avg_pool(x, self.strides)
+      x = _linen_layers.avg_pool(x, self.strides)
     return self.bn(self.conv(x))
 
 
@@ -269,7 +269,7 @@ class BiRealBottleneck(nnx.Module):
     out2 = self.bn2(self.conv2(out1))
     mid_sc = out1
     if self.is_downsample and self.strides == 2:
-      mid_sc = _linen_layers._avg_pool(out1, 2)
+      mid_sc = _linen_layers.avg_pool(out1, 2)
     out2 = out2 + mid_sc
     out3 = self.bn3(self.conv3(out2))
     outer = self.downsample(x2) if self.is_downsample else x2

@@ -13,6 +13,7 @@ One file per job:
   * `steps.py`      — the model, `TrainState`, and the per-device `train_step` (gradient
                       accumulation, label smoothing, distillation term) and `eval_step`;
   * `mapping.py`    — `Mapping` (pmap / shard_map), host <-> device layouts, `prefetch`;
+  * `setup.py`      — `Setup` (data info, model, schedule, mapping) and the workdir `identity`;
   * `loop.py`       — the job: `train_and_evaluate` (resume, the loop, periodic eval,
                       checkpoints, non-finite losses, export) and `evaluate_checkpoint`;
   * `two_step.py`   — two-step training (`init_from_checkpoint`) and BN re-estimation
@@ -24,7 +25,8 @@ One file per job:
 """
 from bireal_jax.train.data import SyntheticData, get_data
 from bireal_jax.train.distill import distillation_loss, load_teacher
-from bireal_jax.train.loop import (TrainingDiverged, _identity, _Setup, evaluate,
+from bireal_jax.train.setup import Setup, identity
+from bireal_jax.train.loop import (TrainingDiverged, evaluate,
                                    evaluate_checkpoint, train_and_evaluate)
 from bireal_jax.train.mapping import Mapping, prefetch
 from bireal_jax.train.metrics import MetricLog, read_metrics
@@ -37,4 +39,5 @@ __all__ = ["AXIS", "TrainState", "TrainingDiverged", "create_model", "initialize
            "create_train_state", "metric_sums", "train_step", "eval_step", "bn_stats_step",
            "Mapping", "prefetch", "SyntheticData", "get_data", "MetricLog", "read_metrics",
            "init_from_checkpoint", "reestimate_batch_stats", "distillation_loss",
-           "load_teacher", "train_and_evaluate", "evaluate", "evaluate_checkpoint"]
+           "load_teacher", "train_and_evaluate", "evaluate", "evaluate_checkpoint", "Setup",
+           "identity"]

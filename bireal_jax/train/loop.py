@@ -18,15 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bireal_jax import checkpoint, models, ops, optim, storage
-from bireal_jax import config as config_lib
-from bireal_jax.train.data import get_data
+from bireal_jax import checkpoint, ops, storage
 from bireal_jax.train.distill import load_teacher
-from bireal_jax.train.mapping import Mapping, _local_value, prefetch
+from bireal_jax.train.mapping import Mapping, local_value, prefetch
 from bireal_jax.train.metrics import MetricLog
-from bireal_jax.train.preemption import _Preemption
-from bireal_jax.train.steps import (TrainState, create_model, create_train_state, eval_step,
-                                    train_step)
+from bireal_jax.train.preemption import Preemption
+from bireal_jax.train.setup import Setup
+from bireal_jax.train.steps import eval_step, train_step
 from bireal_jax.train.two_step import init_from_checkpoint, reestimate_batch_stats
 
 
@@ -39,39 +37,6 @@ class TrainingDiverged(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _identity(config, model, info) -> dict:
-  """What a checkpoint depends on; a workdir refuses any run that differs here."""
-  mcfg = models.to_config(model)
-  for k in ("dtype", "axis_name"):  # compute dtype and mapping may change between runs
-    mcfg.pop(k, None)
-  return {"dataset": config.dataset, "image_shape": list(info.image_shape),
-          "num_classes": int(info.num_classes), "model": mcfg}
-
-
-class _Setup:
-  """Everything train and eval share: data info, model, schedule, mapped steps."""
-
-  def __init__(self, config, workdir: str, data):
-    self.config = config
-    self.workdir = workdir
-    self.data = data or get_data(config)
-    config_lib.validate(config, device_count=jax.device_count(),
-                        process_count=jax.process_count())
-    self.info = self.data.dataset_info(config)
-    self.image_shape = tuple(int(s) for s in self.info.image_shape)
-    self.model = create_model(config, int(self.info.num_classes))
-    self.steps_per_epoch, self.total_steps = optim.total_train_steps(config,
-                                                                     self.info.num_train)
-    self.lr_fn = optim.create_learning_rate_fn(config, self.steps_per_epoch, self.total_steps)
-    self.mapping = Mapping(config.mapping)
-    self.identity = _identity(config, self.model, self.info)
-    self.is_chief = jax.process_index() == 0
-    self.check_lock = lambda: None  # raises once another job holds the workdir
-
-  def new_state(self) -> TrainState:
-    return create_train_state(self.config, self.model, self.image_shape, self.lr_fn)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=None,
                        lock=None) -> dict:
   """Train (resuming from `workdir` if it holds checkpoints); returns the final eval metrics.
@@ -80,7 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
   checked at every step: once another job holds the workdir, `WorkdirLockLost` stops the run.
   Returns {"preempted": True, "step": n} instead when SIGTERM stopped the run.
   """
-  s = _Setup(config, workdir, data)
+  s = Setup(config, workdir, data)
   checkpoint.check_workdir(workdir, s.identity, config.to_dict(), write=s.is_chief)
   ckpts = checkpoint.Checkpoints(storage.join(workdir, checkpoint.CHECKPOINT_DIR),
                                  keep=config.keep_checkpoints,
@@ -110,7 +75,7 @@ def _ops_setting(config):
   return ops.implementation(config.get("ops") or os.environ.get("BIREAL_OPS") or "auto")
 
 
-def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
+def _train(s: Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
   config, mapping = s.config, s.mapping
   state = s.new_state()
   meta = {}
@@ -121,7 +86,7 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
   elif config.init_from:
     state = init_from_checkpoint(state, config.init_from, mapping)
     _say(f"Initialised params and batch_stats from {config.init_from}")
-  step = int(meta["step"]) if restored is not None else int(_local_value(state.step))
+  step = int(meta["step"]) if restored is not None else int(local_value(state.step))
   pstate = mapping.put_replicated(state)
   del state
 
@@ -209,7 +174,7 @@ def _train(s: _Setup, ckpts: checkpoint.Checkpoints, mlog: MetricLog) -> dict:
                                           process_count=pc)
     put = functools.partial(mapping.put_batch, micro_batches=config.grad_accum_steps)
     train_iter = prefetch(train_iter, put, config.prefetch)
-    with _Preemption(single_process=pc == 1) as preemption:
+    with Preemption(single_process=pc == 1) as preemption:
       while step < s.total_steps:
         s.check_lock()
         batch = next(train_iter)
@@ -304,7 +269,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, data
 
 
 def _evaluate_checkpoint(config, workdir, data, split):
-  s = _Setup(config, workdir, data)
+  s = Setup(config, workdir, data)
   checkpoint.check_workdir(workdir, s.identity, config.to_dict(), write=False)
   split = split or config.eval_split
   state = s.new_state()

@@ -61,7 +61,7 @@ class Mapping:
 
   def put_replicated(self, tree):
     """Host (or global replicated) values → the mapped functions' replicated layout."""
-    tree = jax.tree.map(_local_value, tree)
+    tree = jax.tree.map(local_value, tree)
     if self.kind == "pmap":
       # Same mesh axis name as pmap's own outputs: a different sharding on the first call
       # would make pmap compile the step a second time.
@@ -91,7 +91,7 @@ class Mapping:
     """Replicated outputs → numpy values (one replica)."""
     if self.kind == "pmap":
       return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
-    return jax.tree.map(_local_value, tree)
+    return jax.tree.map(local_value, tree)
 
   def global_state(self, tree):
     """Mapped state → fully replicated global arrays for checkpointing."""
@@ -125,7 +125,7 @@ class _CompiledWith:
     return self._cache[key](*args)
 
 
-def _local_value(x):
+def local_value(x):
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(x.addressable_data(0))
   return np.asarray(x)

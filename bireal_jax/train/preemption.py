@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 
 
-class _Preemption:
+class Preemption:
   """SIGTERM → finish the current step, checkpoint, exit 0.
 
   One process: a Python handler sets a flag read at each step boundary. Several processes:

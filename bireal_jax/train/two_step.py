@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bireal_jax import checkpoint
 from bireal_jax.train.mapping import Mapping, prefetch
+from bireal_jax.train.setup import Setup
 from bireal_jax.train.steps import TrainState, model_input
-
-if TYPE_CHECKING:
-  from bireal_jax.train.loop import _Setup
 
 
 def init_from_checkpoint(state: TrainState, path: str, mapping: Mapping) -> TrainState:
@@ -37,7 +33,7 @@ def bn_stats_step(stats_sum, state: TrainState, batch, *, apply_fn):
   return jax.tree.map(jnp.add, stats_sum, updates["batch_stats"])
 
 
-def reestimate_batch_stats(s: _Setup, pstate, num_steps: int, start_step: int):
+def reestimate_batch_stats(s: Setup, pstate, num_steps: int, start_step: int):
   """Replace BN running statistics by their mean over `num_steps` training batches."""
   config, mapping = s.config, s.mapping
   frozen_bn = s.model.clone(bn_momentum=0.0)
