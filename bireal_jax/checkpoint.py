@@ -105,6 +105,7 @@ class Checkpoints:
     self._failed = None  # the step whose save failed (reported once)
     self.damaged: list[int] = []  # steps found damaged by `restore` (left in place)
     self._last_good = self.manager.latest_step()  # the newest step known to be written
+    self._gave_up = False  # a save in flight was abandoned (SaveAbandoned)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -229,6 +230,7 @@ class Checkpoints:
       while self.manager.is_saving_in_progress():
         if time.time() > deadline:
           step, self._failed, self._in_flight = self._in_flight, self._in_flight, None
+          self._gave_up = True
           previous = (f"The previous checkpoint (step {self._last_good}) is intact"
                       if self._last_good is not None else "No checkpoint was written yet")
           raise SaveAbandoned(
@@ -246,9 +248,6 @@ class Checkpoints:
     if self._in_flight is not None:
       self._last_good, self._in_flight = self._in_flight, None
 
-  def _abandoned(self) -> bool:
-    return self._failed is not None and self.manager.is_saving_in_progress()
-
   def close(self):
     """Wait for the save in flight and close; a failure already reported is not raised again
     (it would replace the error that ends the run)."""
@@ -258,7 +257,7 @@ class Checkpoints:
         self.wait()
       except CheckpointError as e:
         error = e
-    if isinstance(error, SaveAbandoned) or self._abandoned():
+    if self._gave_up:
       if error is not None:
         raise error
       return  # closing would wait for the abandoned save's writers

@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bireal_jax import config as config_lib
-from bireal_jax import storage, workdir_lock
+from bireal_jax import exit_noise, storage, workdir_lock
 from bireal_jax.ops.cpu import host_malloc
 
 FLAGS = flags.FLAGS
@@ -111,14 +111,6 @@ def _from_process_0(key: str, value: str) -> str:
     client.key_value_set(key, "v" + value)  # "v": the store refuses an empty value
     return value
   return client.blocking_key_value_get(key, 600_000)[1:]  # process 0 may wait on a takeover
-
-
-def _quiet_leftovers():
-  """After a failed checkpoint save, Orbax's abandoned asyncio futures log the same write error
-  once per array when they are garbage-collected ("exception was never retrieved"), burying the
-  one-line error; the error printed next says it all, so those records are dropped."""
-  import logging as std_logging
-  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
 
 
 def _one_line_storage_errors():
@@ -238,7 +230,7 @@ def main(argv):
     except (config_lib.ConfigError, checkpoint.CheckpointError, train.TrainingDiverged,
             workdir_lock.WorkdirLockLost, storage.StorageUnavailable, storage.MissingBackend,
             OSError) as e:  # OSError: e.g. a full disk under metrics.jsonl
-      _quiet_leftovers()
+      exit_noise.after_reported_failure()
       abandoned = isinstance(e, checkpoint.SaveAbandoned)
       where = (f" (writing under workdir {workdir})"
                if isinstance(e, OSError) and not e.filename else "")
@@ -247,7 +239,7 @@ def main(argv):
     except Exception as e:
       if not storage.is_transient(e):
         raise  # a bug: keep its traceback
-      _quiet_leftovers()
+      exit_noise.after_reported_failure()
       print(f"error: the storage under workdir {workdir} could not be reached "
             f"({type(e).__name__}: {storage.short(e)}); checkpoints already written are kept: "
             f"run the same command again once it is reachable", file=sys.stderr, flush=True)

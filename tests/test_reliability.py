@@ -232,7 +232,7 @@ def test_disk_full_during_checkpoint_save_names_the_path_and_keeps_the_previous_
     good = max(saved_steps(wd))
     assert good < failed
     assert f"The previous checkpoint (step {good}) is intact" in err
-    assert err.rstrip().splitlines()[-1].startswith("error: saving checkpoint step")  # last word
+    assert err.rstrip().splitlines()[-1].startswith("error: saving checkpoint step"), err[-4000:]  # last word
     assert not os.path.exists(os.path.join(wd, LOCK))  # released on the error exit too
 
     if tmpfs:

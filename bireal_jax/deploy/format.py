@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Mapping, Optional, Union
 
 import jax
 import numpy as np
 
-from bireal_jax import models, storage
+from bireal_jax import exit_noise, models, storage
 from bireal_jax.deploy.model import PackedModel, pack
 from bireal_jax.ops.bits import WORD_BITS
 
@@ -169,28 +168,11 @@ def _restore(directory: str):
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(storage.path(directory))
   except (ValueError, FileNotFoundError) as e:  # tensorstore's NOT_FOUND / DATA_LOSS, Orbax's
-    _drop_closed_loop_noise()
+    exit_noise.drop_closed_loop_noise()
     raise FileNotFoundError(
         f"{directory}: the weights are missing or damaged ({type(e).__name__}: "
         f"{storage.short(e, 200)}); expected the Orbax checkpoint written by "
         f"bireal_jax.deploy.save: export the model again or copy the whole directory") from None
-
-
-def _drop_closed_loop_noise():
-  """After a failed restore, TensorStore's pending callbacks reach Orbax's closed asyncio loop
-  and Python prints one 'Event loop is closed' traceback per array at exit, burying the error.
-  Drop exactly those (chaining every other unraisable exception to the previous hook)."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_bireal_jax", False):
-    return
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-
-  hook._bireal_jax = True
-  sys.unraisablehook = hook
 
 
 def load(path: PathLike) -> Exported:

@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import sys
 import re
 import shutil
 import subprocess
@@ -106,3 +107,20 @@ def load(name: str, sources: Sequence[Path], targets: Mapping[str, str],
   lib = ctypes.cdll.LoadLibrary(str(path))
   for target, symbol in targets.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+
+
+def kernel_available(library: str, sources, symbols: dict, flags=(), what: str = "") -> bool:
+  """Build and register `library` (see `load`) unless BIREAL_CPU_KERNELS=0 or no compiler;
+  False, with the reason on stderr, when it cannot be had. Callers cache the answer."""
+  if os.environ.get("BIREAL_CPU_KERNELS", "1") == "0":
+    reason = "disabled by BIREAL_CPU_KERNELS=0"
+  elif compiler() is None:
+    reason = "no C++ compiler (apt-get install g++)"
+  else:
+    try:
+      load(library, sources, symbols, flags)
+      return True
+    except (OSError, RuntimeError, AttributeError) as e:
+      reason = str(e)
+  print(f"bireal_jax: {what or library} unavailable ({reason})", file=sys.stderr)
+  return False

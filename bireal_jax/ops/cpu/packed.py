@@ -5,8 +5,6 @@ The `packed_conv2d` op's `xor_cpp` candidate; needs only a C++ compiler."""
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +22,10 @@ _FLAGS = ("-ffp-contract=off",)
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
   """True when the kernel is built and registered for the CPU platform."""
-  if os.environ.get("BIREAL_CPU_KERNELS", "1") == "0":
-    reason = "disabled by BIREAL_CPU_KERNELS=0"
-  elif build.compiler() is None:
-    reason = "no C++ compiler (apt-get install g++)"
-  else:
-    try:
-      build.load("packed_conv", _SOURCES, {"bireal_packed_conv_fwd": "BirealPackedConvFwd",
-                                           "bireal_packed_conv_res_fwd": "BirealPackedConvResFwd"},
-                 _FLAGS)
-      return True
-    except (OSError, RuntimeError, AttributeError) as e:
-      reason = str(e)
-  print(f"bireal_jax: C++ packed conv kernel unavailable ({reason})", file=sys.stderr)
-  return False
+  return build.kernel_available("packed_conv", _SOURCES,
+                                {"bireal_packed_conv_fwd": "BirealPackedConvFwd",
+                                 "bireal_packed_conv_res_fwd": "BirealPackedConvResFwd"},
+                                _FLAGS, what="C++ packed conv kernel")
 
 
 def packed_conv(x, bits, scale, bias, residual=None, *, stride: int, pad: int):

@@ -5,8 +5,6 @@ sums and α scaling. Needs only a C++ compiler (no oneDNN)."""
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +19,8 @@ _SOURCES = (build.CSRC / "xor_conv.cc",)
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
   """True when the kernel is built and registered for the CPU platform."""
-  if os.environ.get("BIREAL_CPU_KERNELS", "1") == "0":
-    reason = "disabled by BIREAL_CPU_KERNELS=0"
-  elif build.compiler() is None:
-    reason = "no C++ compiler (apt-get install g++)"
-  else:
-    try:
-      build.load("xor_conv", _SOURCES, {"bireal_xor_conv_fwd": "BirealXorConvFwd"})
-      return True
-    except (OSError, RuntimeError, AttributeError) as e:
-      reason = str(e)
-  print(f"bireal_jax: C++ XOR kernel unavailable ({reason})", file=sys.stderr)
-  return False
+  return build.kernel_available("xor_conv", _SOURCES, {"bireal_xor_conv_fwd": "BirealXorConvFwd"},
+                                what="C++ XOR kernel")
 
 
 def xor_conv(xq: jax.Array, wq: jax.Array, stride: int, pad: int,
