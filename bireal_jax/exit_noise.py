@@ -1,4 +1,4 @@
-"""Quieting what Orbax's leftover threads print after a failed save or restore.
+"""Quieting what Orbax, TensorStore and gcsfs print around a storage failure.
 
 When a checkpoint write or read fails, Orbax's other writer threads fail after it, each logging
 its own traceback, and TensorStore's pending callbacks reach a closed asyncio loop, each printed
@@ -32,3 +32,15 @@ def after_reported_failure() -> None:
   drop_closed_loop_noise()
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "exception was never retrieved"
   logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax's writer threads' tracebacks
+
+
+def one_line_records() -> None:
+  """On object storage a network error is logged by gcsfs at each retry and by Orbax's writer
+  threads, each with a traceback of its connection stack; the job's own error names the URL and
+  what to do. Keep those records as one line each (their message), without the tracebacks."""
+  def drop_traceback(record):
+    record.exc_info, record.exc_text = None, None
+    return True
+
+  for name in ("gcsfs", "absl"):  # Orbax logs through absl
+    logging.getLogger(name).addFilter(drop_traceback)

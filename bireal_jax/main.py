@@ -113,20 +113,6 @@ def _from_process_0(key: str, value: str) -> str:
   return client.blocking_key_value_get(key, 600_000)[1:]  # process 0 may wait on a takeover
 
 
-def _one_line_storage_errors():
-  """On object storage a network error is logged by gcsfs at each retry and by Orbax's writer
-  threads, each with a traceback of its connection stack; the job's own error names the URL and
-  what to do. Keep those records as one line each (their message), without the tracebacks."""
-  import logging as std_logging
-
-  def drop_traceback(record):
-    record.exc_info, record.exc_text = None, None
-    return True
-
-  for name in ("gcsfs", "absl"):  # Orbax logs through absl
-    std_logging.getLogger(name).addFilter(drop_traceback)
-
-
 def apply_dry_run(config, workdir: str, device_count: int) -> str:
   """Shrink `config` to a few-step check of the same model and code path; returns its workdir."""
   dry_workdir = storage.join(workdir, "dry_run")
@@ -197,7 +183,7 @@ def main(argv):
     sys.exit(2)
 
   if storage.is_url(FLAGS.workdir):
-    _one_line_storage_errors()
+    exit_noise.one_line_records()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # tf.data's C++ INFO lines, not warnings
   if config.keep_freed_host_memory and host_malloc.cpu_only():  # before JAX's threads allocate
     host_malloc.keep_freed_memory()
@@ -215,7 +201,9 @@ def main(argv):
   # One writer per workdir, settled before data or compilation. Eval only reads checkpoints
   # (and appends one line to metrics.jsonl), so it may run beside the training job.
   lock = take_workdir_lock(config, workdir) if config.mode == "train" else None
-  abandoned = False  # a checkpoint save given up on: its writer threads may still retry
+  # A checkpoint error was reported: Orbax's writer threads may still be failing (and printing
+  # after the error line) or, for a save given up on, retrying for many minutes.
+  leftover_writers = False
   try:
     from bireal_jax import checkpoint, train  # imports Orbax (and TensorFlow for real data)
     if jax.process_index() == 0:
@@ -231,7 +219,7 @@ def main(argv):
             workdir_lock.WorkdirLockLost, storage.StorageUnavailable, storage.MissingBackend,
             OSError) as e:  # OSError: e.g. a full disk under metrics.jsonl
       exit_noise.after_reported_failure()
-      abandoned = isinstance(e, checkpoint.SaveAbandoned)
+      leftover_writers = isinstance(e, checkpoint.CheckpointError)
       where = (f" (writing under workdir {workdir})"
                if isinstance(e, OSError) and not e.filename else "")
       print(f"error: {e}{where}", file=sys.stderr, flush=True)
@@ -248,7 +236,7 @@ def main(argv):
   finally:  # normal end, SIGTERM's clean stop, sys.exit and exceptions alike
     if lock is not None:
       lock.release()
-    if abandoned:  # Orbax's non-daemon writer threads would hold the exit for many minutes
+    if leftover_writers:  # the error stays the last line; nothing waits on those threads
       sys.stdout.flush()
       sys.stderr.flush()
       os._exit(1)

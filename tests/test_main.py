@@ -54,6 +54,27 @@ def start_cli(*args, devices=8, log=None):
                           stderr=subprocess.STDOUT, text=True)
 
 
+def run_two_processes(start, args, tmp_path) -> str:
+  """Run `start(*args, <2-process flags>, devices=4, log=f)` as processes 0 and 1 of one job (a
+  coordinator on a free local port); asserts both exit 0; returns process 0's output."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    log = open(tmp_path / f"p{pid}.txt", "w")
+    procs.append((start(*args, "--config.distributed=on",
+                        f"--config.coordinator_address=127.0.0.1:{port}",
+                        "--config.num_processes=2", f"--config.process_id={pid}",
+                        devices=4, log=log), log))
+  for pid, (p, log) in enumerate(procs):
+    rc = p.wait(600)
+    log.close()
+    assert rc == 0, (tmp_path / f"p{pid}.txt").read_text()[-3000:]
+  return (tmp_path / "p0.txt").read_text()
+
+
 def saved_steps(workdir):
   d = os.path.join(workdir, "checkpoints")
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []

@@ -3,17 +3,10 @@ coordinator on a free port) against 1 process × 8 devices, for pmap and shard_m
 (three training processes per case); a file of its own so that pytest-xdist runs it beside
 test_main.py.
 """
-import socket
-
 import pytest
 
-from test_main import assert_trees, exported, run_cli, saved_steps, start_cli, TINY
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+from test_main import (TINY, assert_trees, exported, run_cli, run_two_processes, saved_steps,
+                       start_cli)
 
 
 @pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
@@ -27,19 +20,7 @@ def test_slow_two_processes_match_one_process(tmp_path, mapping):
   r = run_cli(*args, f"--workdir={one}", devices=8)
   assert r.returncode == 0, r.stderr[-3000:]
   two = str(tmp_path / "two")
-  port = free_port()
-  procs = []
-  for pid in range(2):
-    log = open(tmp_path / f"p{pid}.txt", "w")
-    procs.append((start_cli(*args, f"--workdir={two}", "--config.distributed=on",
-                            f"--config.coordinator_address=127.0.0.1:{port}",
-                            "--config.num_processes=2", f"--config.process_id={pid}",
-                            devices=4, log=log), log))
-  for pid, (p, log) in enumerate(procs):
-    rc = p.wait(600)
-    log.close()
-    assert rc == 0, (tmp_path / f"p{pid}.txt").read_text()[-3000:]
-  out0 = (tmp_path / "p0.txt").read_text()
+  out0 = run_two_processes(start_cli, [*args, f"--workdir={two}"], tmp_path)
   assert "8 device(s) in 2 process(es)" in out0
   assert saved_steps(two) == [3, 6]
   assert_trees(exported(two), exported(one), exact=False)

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import pytest
 
 from storage_cli import (ARGS, REPO, cmd, env, env_for, no_local_gs_folder,  # noqa: F401
                          python, run_cli, same_exports, start_cli, steps, wait_for)
+from test_main import run_two_processes
 
 
 def test_gs_workdir_resumes_after_sigterm_bit_identical_evals_exports_and_inits(gcs, tmp_path):
@@ -70,21 +70,8 @@ def test_two_processes_on_one_gs_workdir_match_one_process(gcs, tmp_path):
           "--config.batch_size=16", "--config.eval_batch_size=16"]
   r = run_cli(gcs, *args, f"--workdir={gs}/one", devices=8)
   assert r.returncode == 0, r.stderr[-3000:]
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  procs = []
-  for pid in range(2):
-    log = open(tmp_path / f"p{pid}.txt", "w")
-    procs.append((start_cli(gcs, *args, f"--workdir={gs}/two", "--config.distributed=on",
-                            f"--config.coordinator_address=127.0.0.1:{port}",
-                            "--config.num_processes=2", f"--config.process_id={pid}",
-                            devices=4, log=log), log))
-  for pid, (p, log) in enumerate(procs):
-    rc = p.wait(600)
-    log.close()
-    assert rc == 0, (tmp_path / f"p{pid}.txt").read_text()[-3000:]
-  out0 = (tmp_path / "p0.txt").read_text()
+  out0 = run_two_processes(lambda *a, **kw: start_cli(gcs, *a, **kw),
+                           [*args, f"--workdir={gs}/two"], tmp_path)
   assert "8 device(s) in 2 process(es)" in out0
   assert steps(gcs, "multihost", "two") == [3, 6]
   out = python(gcs, f"""

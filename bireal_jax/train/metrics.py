@@ -32,6 +32,8 @@ class MetricLog:
     self.path = storage.join(workdir, METRICS_DIR if self.buffered else METRICS_FILE)
     self._buffer: list[dict] = []
     self._last_flush = time.time()
+    if enabled and not self.buffered:  # once, not at every record
+      storage.makedirs(workdir)
     self.tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
@@ -47,7 +49,6 @@ class MetricLog:
       if split != "train" or time.time() - self._last_flush >= FLUSH_EVERY_S:
         self.flush()
     else:
-      storage.makedirs(os.path.dirname(self.path))
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if self.tb is not None:
@@ -84,17 +85,21 @@ class MetricLog:
     them, instead of hiding the error that ends the run."""
     try:
       if self.buffered and self.enabled:
-        if not flush:
-          raise storage.StorageUnavailable("the storage did not answer earlier in this run")
-        self.flush()
+        if flush:
+          self.flush()
+        elif self._buffer:
+          self._print_unwritten("the storage did not answer earlier in this run")
     except Exception as e:  # noqa: BLE001 - reported, and the records kept in the log
-      print(f"WARNING: could not write {len(self._buffer)} metric record(s) to {self.path} "
-            f"({type(e).__name__}: {storage.short(e, 200)}); they follow:", flush=True)
-      for r in self._buffer:
-        print(json.dumps(r), flush=True)
+      self._print_unwritten(f"{type(e).__name__}: {storage.short(e, 200)}")
     finally:
       if self.tb is not None and flush:  # tensorboardX uploads its event file on close
         self.tb.close()
+
+  def _print_unwritten(self, reason: str):
+    print(f"WARNING: could not write {len(self._buffer)} metric record(s) to {self.path} "
+          f"({reason}); they follow:", flush=True)
+    for r in self._buffer:
+      print(json.dumps(r), flush=True)
 
   def __enter__(self):
     return self
