@@ -17,6 +17,7 @@ Nothing here moves or deletes a checkpoint on its own beyond Orbax's keep-the-ne
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -26,6 +27,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from bireal_jax import storage
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -114,7 +117,7 @@ class Checkpoints:
     """Start saving `state` (a PyTree of global arrays) at `step`; True if a save started."""
     # Orbax's should_save is False for a step already on disk: the interval decides here.
     if step in self.damaged and (force or step % self.every_steps == 0):
-      _warn(f"WARNING: checkpoint step {step} not saved: the damaged step {step} is still in "
+      _warn(f"checkpoint step {step} not saved: the damaged step {step} is still in "
             f"{self.directory} (move it aside to let this run save that step)")
       return False
     if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):
@@ -215,7 +218,7 @@ class Checkpoints:
           f"the same command again.") from e
     self.damaged.append(step)
     where = storage.join(self.directory, str(step))
-    _warn(f"WARNING: checkpoint step {step} in {self.directory} is damaged "
+    _warn(f"checkpoint step {step} in {self.directory} is damaged "
           f"({type(e).__name__}: {_short(e)}); "
           + (f"falling back to step {older[0]}. Step {step} is left in place: move {where} "
              f"aside (or delete it) to let this run save that step again."
@@ -271,8 +274,8 @@ class Checkpoints:
 
 
 def _warn(msg: str):
-  if jax.process_index() == 0:
-    print(msg, flush=True)
+  if jax.process_index() == 0:  # one warning per job, not one per host
+    log.warning(msg)
 
 
 def _io_reason(e: BaseException) -> str:

@@ -55,7 +55,8 @@ def pairs(v, n: int, what: str) -> Tuple[int, ...]:
   return t
 
 
-def _padding(padding: PaddingLike, n: int):
+def normalize_padding(padding: PaddingLike, n: int):
+  """'SAME'/'VALID' (any case), or `n` (low, high) pairs from an int, ints or pairs."""
   if isinstance(padding, str):
     if padding.upper() not in ("SAME", "VALID"):
       raise ValueError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
@@ -163,7 +164,7 @@ class BinaryConv(nn.Module):
     kernel = self.param("kernel", get_init(self.kernel_init), (*ks, in_features, self.features),
                         self.param_dtype)
     dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-    pads = ops.explicit_pads(_padding(self.padding, 2), x.shape, ks, strides)
+    pads = ops.explicit_pads(normalize_padding(self.padding, 2), x.shape, ks, strides)
     y = quantized_conv(x, kernel, strides, pads, self.input_quantizer, self.kernel_quantizer,
                        dtype)
     if self.use_bias:

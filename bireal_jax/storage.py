@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import logging
 import os
 import re
 import time
@@ -22,6 +23,8 @@ import uuid
 from typing import Callable, Optional, TypeVar, Union
 
 from etils import epath
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar("T")
@@ -181,7 +184,7 @@ class StorageUnavailable(RuntimeError):
 
 
 def retry(fn: Callable[[], T], *, what: str, where: PathLike, retries: int = 3,
-          first_wait_s: float = 5.0, say: Callable[[str], None] = print) -> T:
+          first_wait_s: float = 5.0, say: Callable[[str], None] = log.warning) -> T:
   """`fn()`, retried with exponential backoff while it fails with passing errors
   (`is_transient`); after `retries` retries `StorageUnavailable` names `where` and the error.
   Other errors propagate at once."""
@@ -197,7 +200,7 @@ def retry(fn: Callable[[], T], *, what: str, where: PathLike, retries: int = 3,
             f"attempt(s) ({type(e).__name__}: {short(e)}). Nothing was changed there: check "
             f"the connection and credentials, then run the same command again.") from e
       wait = first_wait_s * 2 ** attempt
-      say(f"WARNING: {what}: {os.fspath(where)} unreachable ({type(e).__name__}: "
+      say(f"{what}: {os.fspath(where)} unreachable ({type(e).__name__}: "
           f"{short(e, 120)}); retrying in {wait:.0f} s")
       time.sleep(wait)
   raise AssertionError("unreachable")

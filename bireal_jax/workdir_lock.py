@@ -36,15 +36,17 @@ checkpoint in flight finish and `finally` blocks run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
 from typing import Callable, Optional
 
 from bireal_jax import storage
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = "workdir.lock"
 HEARTBEAT_S = 30.0
@@ -153,8 +155,7 @@ class WorkdirLock:
       if current is not None and current[0].get("token") == self.holder["token"]:
         os.unlink(self.path)  # only our own lock: never a successor's
     except OSError as e:
-      print(f"WARNING: could not remove the workdir lock {self.path}: {e}", file=sys.stderr,
-            flush=True)
+      log.warning("could not remove the workdir lock %s: %s", self.path, e)
 
   def __enter__(self):
     return self
@@ -226,7 +227,7 @@ def _in_use(workdir: str, path: str, other: dict, age_s: float, stale_after_s: f
 
 
 def acquire(workdir: str, *, job: str = "", stale_after_s: float = STALE_AFTER_S,
-            heartbeat_s: float = HEARTBEAT_S, say: Callable[[str], None] = print,
+            heartbeat_s: float = HEARTBEAT_S, say: Callable[[str], None] = log.warning,
             on_lost: Optional[Callable[[str], None]] = None):
   """Take `workdir`'s lock (creating a local workdir), taking over a dead job's; else raise.
 
@@ -278,7 +279,7 @@ def acquire(workdir: str, *, job: str = "", stale_after_s: float = STALE_AFTER_S
       raise WorkdirLockError(_in_use(workdir, path, other, time.time() - mtime,
                                      stale_after_s))
     if _break(path, ino, mtime):
-      say(f"WARNING: took over the workdir lock {path} from a dead job "
+      say(f"took over the workdir lock {path} from a dead job "
           f"({describe(other) if other else 'unreadable record'}): {reason}")
   raise WorkdirLockError(f"could not take the workdir lock {path}: other jobs keep taking "
                          f"and dropping it")
@@ -380,7 +381,7 @@ class ObjectLock:
         blob.upload_from_string(data, if_generation_match=generation)
       except gexc.PreconditionFailed:
         continue
-      say(f"WARNING: took over the workdir lock {url} from a dead job "
+      say(f"took over the workdir lock {url} from a dead job "
           f"({describe(other) if other else 'unreadable record'}): {reason}")
       return cls(url, blob, holder, blob.generation, heartbeat_s, on_lost)
     raise WorkdirLockError(f"could not take the workdir lock {url}: other jobs keep taking "
@@ -416,8 +417,7 @@ class ObjectLock:
         self._blob.delete(if_generation_match=current[2], retry=None,  # only our own lock
                           timeout=_GCS_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001
-      print(f"WARNING: could not remove the workdir lock {self.path}: {e}", file=sys.stderr,
-            flush=True)
+      log.warning("could not remove the workdir lock %s: %s", self.path, e)
 
 
 def _read_object(bucket, name: str, **kw) -> Optional[tuple[dict, float, int]]:

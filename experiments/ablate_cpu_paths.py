@@ -45,12 +45,12 @@ VARIANTS = {
 def compile_variant(progs: bench_model.Programs, kind: str, setting, options: str):
   """`progs.compile(kind, ...)` traced under the `ops.implementation` setting of a variant."""
   if kind == "train":
-    fn = lambda *a: progs._train_step(*a)  # noqa: E731  fresh function: no trace-cache sharing
+    fn = lambda *a: progs.train_step(*a)  # noqa: E731  fresh function: no trace-cache sharing
     args = (progs.variables["params"], progs.variables["batch_stats"], progs.opt_state,
             progs.images, progs.labels)
     step = lambda c, a: (*c(*a), a[3], a[4])  # noqa: E731
   elif kind == "eval":
-    fn = lambda *a: progs._forward(*a)  # noqa: E731
+    fn = lambda *a: progs.forward(*a)  # noqa: E731
     args = (progs.variables, progs.images)
     step = lambda c, a: (jax.block_until_ready(c(*a)), a)[1]  # noqa: E731
   else:

@@ -81,7 +81,7 @@ class Programs:
     self.tx = optax.adam(1e-3)
     self.opt_state = self.tx.init(self.variables["params"])
 
-  def _train_step(self, params, batch_stats, opt_state, images, labels):
+  def train_step(self, params, batch_stats, opt_state, images, labels):
     def loss_fn(params):
       logits, upd = self.model.apply({"params": params, "batch_stats": batch_stats}, images,
                                      train=True, mutable=["batch_stats"])
@@ -91,7 +91,7 @@ class Programs:
     updates, opt_state = self.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_stats, opt_state
 
-  def _forward(self, variables, images):
+  def forward(self, variables, images):
     return self.model.apply(variables, images)
 
   def compile(self, kind: str, paths: str, options: str):
@@ -102,13 +102,13 @@ class Programs:
     if paths not in PATHS:
       raise ValueError(f"unknown paths {paths!r}; expected one of {PATHS}")
     if kind == "train":
-      fn = lambda *a: self._train_step(*a)  # fresh function object: no trace-cache sharing
+      fn = lambda *a: self.train_step(*a)  # fresh function object: no trace-cache sharing
       args = (self.variables["params"], self.variables["batch_stats"], self.opt_state,
               self.images, self.labels)
       step = lambda c, a: (*c(*a), a[3], a[4])
       n = self.images.shape[0]
     elif kind in ("eval", "latency"):
-      fn = lambda *a: self._forward(*a)
+      fn = lambda *a: self.forward(*a)
       images = self.images if kind == "eval" else self.images[:1]
       args = (self.variables, images)
       step = lambda c, a: (jax.block_until_ready(c(*a)), a)[1]  # same inputs every call

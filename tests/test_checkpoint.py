@@ -66,7 +66,8 @@ def assert_same_tree(a, b):
                                   err_msg=jax.tree_util.keystr(path))
 
 
-def test_resume_after_corrupt_latest_checkpoint_matches_uninterrupted_run(tmp_path, capsys):
+def test_resume_after_corrupt_latest_checkpoint_matches_uninterrupted_run(tmp_path, capsys,
+                                                                         caplog):
   ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
   # A constant lr, so that a run of 12 steps is the start of a run of 16.
   train.train_and_evaluate(tiny_config(num_train_steps=16, lr_schedule="constant"), ref)
@@ -82,10 +83,12 @@ def test_resume_after_corrupt_latest_checkpoint_matches_uninterrupted_run(tmp_pa
   capsys.readouterr()
   result = train.train_and_evaluate(tiny_config(num_train_steps=16, lr_schedule="constant"), run)
   out = capsys.readouterr().out
-  assert "WARNING: checkpoint step 12" in out and "is damaged (ValueError: DATA_LOSS" in out
-  assert "falling back to step 8. Step 12 is left in place" in out
+  warned = "\n".join(r.getMessage() for r in caplog.records
+                     if r.levelname == "WARNING" and r.name == "bireal_jax.checkpoint")
+  assert "checkpoint step 12" in warned and "is damaged (ValueError: DATA_LOSS" in warned
+  assert "falling back to step 8. Step 12 is left in place" in warned
   assert "Resuming from checkpoint step 8" in out
-  assert "WARNING: checkpoint step 12 not saved: the damaged step 12 is still in" in out
+  assert "checkpoint step 12 not saved: the damaged step 12 is still in" in warned
   assert result["step"] == 16
   assert not os.path.exists(os.path.join(run, "checkpoints_unreadable"))  # nothing moved
   assert saved_steps(run) == [8, 12, 16]

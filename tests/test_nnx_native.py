@@ -290,7 +290,7 @@ def test_load_errors_name_the_path():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_batch_norm_matches_linen_in_both_modes(dtype):
-  # float32 trains through ops.batch_norm_train, bfloat16 through flax's own statistics.
+  # float32 trains through ops.batch_norm_train, bfloat16 through bnnx.batch_statistics.
   x = (_x(4, 3, 3, 6, seed=8) * 2 + 1).astype(dtype)
   rng = np.random.default_rng(9)
   lv = {"params": {"scale": rng.uniform(0.5, 1.5, 6).astype(np.float32),
@@ -337,6 +337,33 @@ def test_batch_norm_axis_name_matches_linen_under_pmap():
   flat = np.asarray(x).reshape(-1, 6)
   np.testing.assert_allclose(stats["mean"][0], 0.1 * flat.mean(0), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(stats["mean"][1], stats["mean"][0])
+
+
+@pytest.mark.parametrize("axis_name", [None, "batch"])
+def test_batch_statistics_are_flax_batch_norms(axis_name):
+  """Our batch statistics (no flax private API) equal what flax's nn.BatchNorm computes, in
+  bfloat16 (promoted to float32) and across a pmapped axis."""
+  import flax.linen as nn
+  n = 2 if axis_name else 1
+  if jax.local_device_count() < n:
+    pytest.skip("needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=2)")
+  x = (_x(n, 4, 3, 3, 6, seed=11) * 3 + 2).astype(jnp.bfloat16)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.0, axis_name=axis_name)
+  variables = flax_bn.init(jax.random.key(0), x[0])
+
+  def both(x):
+    mu, var = bnnx.batch_statistics(x, axis_name=axis_name)
+    _, upd = flax_bn.apply(variables, x, mutable=["batch_stats"])  # momentum 0: the batch's
+    return mu, var, upd["batch_stats"]["mean"], upd["batch_stats"]["var"]
+
+  fn = jax.pmap(both, axis_name=axis_name) if axis_name else jax.vmap(both)
+  mu, var, ref_mu, ref_var = fn(x)
+  assert mu.dtype == var.dtype == jnp.float32
+  np.testing.assert_allclose(mu, ref_mu, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(var, ref_var, rtol=1e-6, atol=1e-7)
+  flat = np.asarray(x, np.float32).reshape(-1, 6)
+  np.testing.assert_allclose(mu[0], flat.mean(0), rtol=1e-5)  # the whole batch's
+  np.testing.assert_allclose(var[0], flat.var(0), rtol=1e-4)
 
 
 def test_import_does_not_import_tensorflow():

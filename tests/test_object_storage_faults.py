@@ -47,8 +47,8 @@ def test_gs_workdir_lock_refuses_a_second_job_takes_over_a_dead_one_and_stops_wh
   r = run_cli(gcs, f"--workdir={gs}/held", "--config.num_train_steps=45",
               "--config.checkpoint_every_steps=20")
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f"WARNING: took over the workdir lock {url} from a dead job" in r.stdout
-  assert f"its process {dead.pid} on this host is gone" in r.stdout
+  assert f"] took over the workdir lock {url} from a dead job" in r.stderr
+  assert f"its process {dead.pid} on this host is gone" in r.stderr
   assert "held/workdir.lock" not in gcs.objects("lock", "held/")
 
 

@@ -14,8 +14,10 @@ One file per job:
   * `runtime.py`  — micro-batches, concurrent streams, the jit cache, XLA options;
   * `model.py`    — `PackedModel` and `pack`;
   * `format.py`   — the one on-disk format (`save`, `load`, `Exported`);
-  * `openvino.py` — OpenVINO IR export and impl="openvino" (`export_openvino`; optional extra,
-                    imported only when used); `python -m bireal_jax.deploy export --to openvino`.
+  * `openvino.py` — the OpenVINO IR of a packed model and impl="openvino" (optional extra,
+                    imported only when used);
+  * `export.py`   — `export_openvino` (path or model → IR files); `python -m bireal_jax.deploy
+                    export --to openvino`.
 """
 from bireal_jax.deploy.fold import fold_bn, pack_tree
 from bireal_jax.deploy.format import (FORMAT, FORMAT_VERSION, KINDS, Exported, directory_bytes,
@@ -37,5 +39,5 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "IMPLS", "CALL_IMPLS", "OPENVINO
 def export_openvino(path_or_model, out_dir, overwrite: bool = False) -> str:
   """`deploy.openvino.export_openvino`: the OpenVINO IR of a Bi-Real export (needs the extra
   bireal_jax[openvino]; imported here, on use, so that `import bireal_jax.deploy` does not)."""
-  from bireal_jax.deploy import openvino
-  return openvino.export_openvino(path_or_model, out_dir, overwrite)
+  from bireal_jax.deploy import export
+  return export.export_openvino(path_or_model, out_dir, overwrite)

@@ -21,9 +21,9 @@ def main(argv=None) -> int:
   ex.add_argument("src", metavar="IN", help="a bireal_jax export directory")
   ex.add_argument("out", metavar="OUT", help="directory to write")
   args = ap.parse_args(argv)
-  from bireal_jax.deploy import openvino
+  from bireal_jax.deploy import export
   try:
-    xml = openvino.export_openvino(args.src, args.out, args.overwrite)
+    xml = export.export_openvino(args.src, args.out, args.overwrite)
   except (ImportError, ValueError, FileExistsError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

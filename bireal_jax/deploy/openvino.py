@@ -21,7 +21,10 @@ functions here. The IR (NCHW inside, NHWC float32 images in, float32 logits out)
     exact in bf16 too. Weights are saved uncompressed (fp16 would round it to −0).
   * u1 weights are bit `i` of byte `i // 8` LSB-first over the OIHW order, 1 = +1
     (`np.packbits(..., bitorder="little")`; MSB-first gives wrong sums).
-  * the model.json facts (`format.metadata`) are in the IR's rt_info under `RT_INFO_KEY`.
+  * an exported IR keeps the model.json facts (`format.metadata`) in its rt_info under
+    `RT_INFO_KEY`. This module knows a packed model only by its attributes (`pm.config`, its
+    packed tree), so `deploy.model` can run it without an import circle (`deploy.export` loads
+    paths and writes IR files).
 Two defects of the 2026.4 CPU plugin, measured, shape the IR: a binary conv's residual sum that
 feeds only the next sign is given a second consumer (output `GUARD_OUTPUT`, Bi-Real-50/152), and
 binary convs whose input channels are not a multiple of `CHANNEL_MULTIPLE` are refused.
@@ -34,9 +37,8 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from bireal_jax import models, storage
+from bireal_jax import models
 from bireal_jax.deploy import fold
-from bireal_jax.deploy.model import PackedModel
 from bireal_jax.models import plan
 from bireal_jax.ops.bits import WORD_BITS
 
@@ -71,25 +73,6 @@ def check_exportable(config: Mapping[str, Any]) -> None:
     fold.check_packable(models.from_config(dict(config)))
   except ValueError as e:
     raise ValueError(f"cannot export to OpenVINO: {e}") from None
-
-
-def _packed_and_metadata(path_or_model) -> tuple[PackedModel, dict]:
-  from bireal_jax.deploy import format as fmt
-  if isinstance(path_or_model, PackedModel):
-    pm = path_or_model
-    meta = fmt.metadata("packed", pm.config, {"kind": "packed"})
-  else:
-    exp = path_or_model
-    if isinstance(exp, (str, os.PathLike)):
-      exp = fmt.load(exp)
-    if not isinstance(exp, fmt.Exported):
-      raise TypeError(f"expected an export directory, an Exported (deploy.load) or a "
-                      f"PackedModel, got {type(path_or_model).__name__}")
-    check_exportable(exp.config)  # before packing, so a float model's refusal names the IR
-    pm = exp.packed()
-    meta = fmt.metadata(exp.kind, exp.config, exp.source)
-  meta["model"]["axis_name"] = None
-  return pm, meta
 
 
 def u1_weights(bits, in_channels: int, name: str = "kernel"):
@@ -189,8 +172,9 @@ def _is_residual_sum(node) -> bool:
       i.get_source_output().get_node().get_type_name() != "Constant" for i in node.inputs())
 
 
-def build(pm: PackedModel, metadata: Optional[Mapping[str, Any]] = None):
-  """The `openvino.Model` of `pm`: input "images" NHWC float32 [?, ?, ?, C], output "logits"."""
+def build(pm, metadata: Optional[Mapping[str, Any]] = None):
+  """The `openvino.Model` of the packed model `pm` (a `PackedModel`): input "images" NHWC
+  float32 [?, ?, ?, C], output "logits"; `metadata`: model.json facts for the rt_info."""
   ov = require()
   cfg, p = pm.config, pm.params
   check_exportable(cfg)
@@ -257,39 +241,10 @@ def build(pm: PackedModel, metadata: Optional[Mapping[str, Any]] = None):
     guard.output(0).get_tensor().set_names({GUARD_OUTPUT})
     outputs.append(guard)
   model = ov.Model(outputs, [images], "bireal_jax")
-  meta = dict(metadata) if metadata is not None else None
-  if meta is None:
-    from bireal_jax.deploy import format as fmt
-    meta = fmt.metadata("packed", {**cfg, "axis_name": None}, {"kind": "packed"})
-  model.set_rt_info(json.dumps(meta, sort_keys=True), [RT_INFO_KEY, "model_json"])
+  if metadata is not None:  # an export's model.json facts (deploy.export); not for a runner
+    model.set_rt_info(json.dumps(dict(metadata), sort_keys=True), [RT_INFO_KEY, "model_json"])
   model.set_rt_info(str(b.binary_convs), [RT_INFO_KEY, "binary_convolutions"])
   return model
-
-
-def export_openvino(path_or_model: Union[str, os.PathLike, Any], out_dir: Union[str, os.PathLike],
-                    overwrite: bool = False) -> str:
-  """Write the OpenVINO IR of a Bi-Real export to `out_dir` (model.xml + model.bin).
-
-  `path_or_model`: an export directory (any `deploy.load` opens: float or packed), an `Exported`
-  or a `PackedModel`. Refuses (ValueError, with the reason) a model the IR cannot compute
-  exactly: non-binary activations or weights, padding other than "torch", binary convs whose
-  input channels are not a multiple of `CHANNEL_MULTIPLE`. Returns the path of model.xml.
-  """
-  ov = require()
-  pm, meta = _packed_and_metadata(path_or_model)
-  if storage.is_url(out_dir):
-    raise ValueError(f"out_dir={os.fspath(out_dir)!r}: OpenVINO writes its IR to a local "
-                     f"directory; expected a local path (copy it to the bucket afterwards)")
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  xml = os.path.join(out_dir, IR_FILE)
-  if os.path.exists(xml) and not overwrite:
-    raise FileExistsError(f"{xml!r} already exists; expected a new directory (or pass "
-                          f"overwrite=True)")
-  model = build(pm, meta)
-  os.makedirs(out_dir, exist_ok=True)
-  # fp16 weights would round SIGN_THRESHOLD to −0 (and the real kernels): keep float32
-  ov.save_model(model, xml, compress_to_fp16=False)
-  return xml
 
 
 def read_metadata(model_or_xml) -> dict:
@@ -332,7 +287,7 @@ class Runner:
     self._compiled: dict = {}
 
   @classmethod
-  def from_packed(cls, pm: PackedModel) -> "Runner":
+  def from_packed(cls, pm) -> "Runner":
     return cls(build(pm))
 
   @classmethod

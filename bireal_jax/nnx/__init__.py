@@ -30,7 +30,7 @@ from flax.core import unfreeze
 from bireal_jax import models as _models
 from bireal_jax.nnx.bireal import BiRealNet
 from bireal_jax.nnx.layers import (BatchNorm, BinaryConv, BiRealBlock, BiRealBottleneck, Conv,
-                                   Downsample)
+                                   Downsample, batch_statistics)
 
 # Linen collection <-> NNX variable type.
 COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
@@ -154,4 +154,4 @@ def from_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
 
 __all__ = ["BinaryConv", "Conv", "BatchNorm", "Downsample", "BiRealBlock", "BiRealBottleneck",
            "BiRealNet", "get", "names", "from_linen", "to_linen", "to_config", "from_config",
-           "to_linen_variables", "from_linen_variables", "COLLECTIONS"]
+           "to_linen_variables", "from_linen_variables", "COLLECTIONS", "batch_statistics"]

@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.linen import normalization as _linen_norm
 from jax import lax
 
 from bireal_jax import layers as _linen_layers
@@ -51,7 +50,7 @@ class BinaryConv(nnx.Module):
                bias_init: Callable = jax.nn.initializers.zeros, rngs: nnx.Rngs):
     self.kernel_size = _linen_layers.pairs(tuple(kernel_size), 2, "kernel_size")
     self.strides = _linen_layers.pairs(strides, 2, "strides")
-    self.padding = _linen_layers._padding(padding, 2)
+    self.padding = _linen_layers.normalize_padding(padding, 2)
     self.in_features, self.features = int(in_features), int(features)
     self.input_quantizer, self.kernel_quantizer = input_quantizer, kernel_quantizer
     for q in (input_quantizer, kernel_quantizer):
@@ -93,7 +92,7 @@ class Conv(nnx.Module):
                kernel_init: Callable = torch_default_init, rngs: nnx.Rngs):
     self.kernel_size = _linen_layers.pairs(tuple(kernel_size), 2, "kernel_size")
     self.strides = _linen_layers.pairs(strides, 2, "strides")
-    self.padding = _linen_layers._padding(padding, 2)
+    self.padding = _linen_layers.normalize_padding(padding, 2)
     self.in_features, self.features = int(in_features), int(features)
     self.dtype, self.param_dtype = dtype, param_dtype
     self.kernel = nnx.Param(get_init(kernel_init)(
@@ -105,12 +104,30 @@ class Conv(nnx.Module):
     return ops.conv2d(x, w, self.strides, pads)
 
 
+def batch_statistics(x: jax.Array, *, dtype: Optional[Dtype] = None,
+                     axis_name: Optional[str] = None) -> tuple[jax.Array, jax.Array]:
+  """Per-channel batch mean and variance over every axis but the last, as `nn.BatchNorm`.
+
+  In at least float32 (`dtype` or x's, promoted): half-precision sums would lose the small
+  variances. Var = max(0, E[x²] − E[x]²) (one pass; the clip stops round-off from going
+  negative). With `axis_name`, E[x] and E[x²] are averaged over that mapped axis in one
+  `lax.pmean`, so every device normalises with the global batch's statistics.
+  """
+  x = x.astype(jnp.promote_types(dtype or x.dtype, jnp.float32))
+  axes = tuple(range(x.ndim - 1))
+  moments = jnp.stack([x.mean(axes), lax.square(x).mean(axes)])
+  if axis_name is not None:
+    moments = lax.pmean(moments, axis_name)
+  mu, mu2 = moments[0], moments[1]
+  return mu, jnp.maximum(0.0, mu2 - lax.square(mu))
+
+
 class BatchNorm(nnx.Module):
   """BatchNorm over every axis but the last, with `layers.BatchNorm`'s values and variables.
 
   Training (`use_running_average=False`): float32 inputs and parameters go through
-  `ops.batch_norm_train` (as the Linen layer's fast path); other dtypes use flax's own
-  `_compute_stats`, as `nn.BatchNorm` does. The running statistics move as
+  `ops.batch_norm_train` (as the Linen layer's fast path); other dtypes through
+  `batch_statistics`, the statistics `nn.BatchNorm` computes. The running statistics move as
   `momentum·old + (1 − momentum)·batch`. Eval: `(x − mean)·(rsqrt(var + ε)·scale) + bias`.
   Variables: `scale`, `bias` (`nnx.Param`), `mean`, `var` (`nnx.BatchStat`, float32).
   `axis_name` averages the batch statistics over a mapped axis (pmap / shard_map).
@@ -153,8 +170,7 @@ class BatchNorm(nnx.Module):
     if fast:
       y, mu, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
     else:
-      mu, var = _linen_norm._compute_stats(x, tuple(range(x.ndim - 1)), dtype=self.dtype,
-                                           axis_name=self.axis_name)
+      mu, var = batch_statistics(x, dtype=self.dtype, axis_name=self.axis_name)
       y = self._normalize(x, mu, var, scale, bias)
     mu, var = lax.stop_gradient(mu), lax.stop_gradient(var)
     self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mu

@@ -21,7 +21,9 @@ One file per job:
   * `distill.py`    — knowledge distillation: `distillation_loss`, `load_teacher`;
   * `data.py`       — `SyntheticData`, and `get_data` (the real pipeline, imported lazily);
   * `metrics.py`    — `MetricLog`: metrics.jsonl and TensorBoard scalars;
-  * `preemption.py` — SIGTERM / the multi-host preemption sync point.
+  * `preemption.py` — SIGTERM / the multi-host preemption sync point;
+  * `launch.py`     — the command line's job: checks before any work, several hosts, the
+                      workdir lock, the dry run, and which errors are one line (`run`).
 """
 from bireal_jax.train.data import SyntheticData, get_data
 from bireal_jax.train.distill import distillation_loss, load_teacher

@@ -10,10 +10,13 @@ reads either layout, in order.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 from bireal_jax import storage
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 METRICS_DIR = "metrics"  # object storage: one object per flush
@@ -96,8 +99,8 @@ class MetricLog:
         self.tb.close()
 
   def _print_unwritten(self, reason: str):
-    print(f"WARNING: could not write {len(self._buffer)} metric record(s) to {self.path} "
-          f"({reason}); they follow:", flush=True)
+    log.warning("could not write %d metric record(s) to %s (%s); they follow on stdout",
+                len(self._buffer), self.path, reason)
     for r in self._buffer:
       print(json.dumps(r), flush=True)
 
