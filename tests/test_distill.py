@@ -1,6 +1,6 @@
 """Knowledge distillation (config.distill_from): the loss, the mapped step with a teacher, errors.
 
-Tiny synthetic runs as in test_train.py (8 virtual CPU devices under `make test`).
+Tiny synthetic runs (tests/tiny_training.py) (8 virtual CPU devices under `make test`).
 """
 import functools
 import os
@@ -14,8 +14,9 @@ import pytest
 from bireal_jax import checkpoint, train
 from bireal_jax import config as config_lib
 
-from test_train import (assert_trees_close, lr_fn_of, needs_8, new_state, synthetic_batches,
-                        tiny_config)
+from numerics import assert_trees_close  # tests/numerics.py
+from tiny_training import (lr_fn_of, needs_8, new_state,  # tests/tiny_training.py
+                           synthetic_batches, tiny_config)
 
 
 def test_distillation_loss_is_scaled_kl_with_the_closed_form_gradient():
