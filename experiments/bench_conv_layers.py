@@ -129,7 +129,7 @@ def main(argv=None) -> None:
                        "on CPU (the step is then the library's as shipped)")
   a = parse_model_args(ap, argv)
   if a.impl == "onednn" and not onednn.available():
-    ap.error(f"--impl onednn: oneDNN convolutions unavailable ({onednn._unavailable_reason()})")
+    ap.error(f"--impl onednn: oneDNN convolutions unavailable ({onednn.unavailable_reason()})")
   opts = compiler_options(a.options)
   print(f"jax {jax.__version__}  cpu {cpu_model()}  cores {cores()}  backend {jax.default_backend()}")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  compiler options {opts}")

@@ -1,9 +1,20 @@
-"""Shared fixtures: a GCS emulator (`gcs`) and a fault-injecting HTTP proxy (`FaultProxy`).
+"""Shared fixtures: a GCS emulator (`gcs`) and a fault-injecting HTTP proxy (`FaultProxy`), the
+no-`gs:`-folder check of the gs:// tests (`no_local_gs_folder`), and full-size synthetic
+Fashion-MNIST IDX files (`synth_dir`).
+
+Test modules map to the library's modules (tests/test_<module>.py). What several of them share
+lives in helper modules here, never in a test module: `cli.py` (the training job's command line
+in subprocesses), `storage_cli.py` (the same against the GCS emulator), `tiny_training.py` (tiny
+in-process training runs), `fast_paths.py` (tracing under an `ops.implementation` setting and
+telling which path ran), `op_cases.py` (the ops' operands and `auto`'s workload), `numerics.py`
+(tree comparisons), `fmnist_files.py` (IDX files), `torch_bireal.py` and `larq_peer.py` (the
+converter's peers).
 
 The suite runs the library's default path, `bireal_jax.ops.DEFAULT` ("reference": XLA's own
-ops); the tuned CPU paths have their own tests (test_ops.py: `auto`; test_fast_paths.py,
+ops); the tuned CPU paths have their own tests (test_ops.py: the candidates, `auto` and the
+switch; test_layers.py and test_models.py: the layers and a small model on the fast paths;
 test_onednn.py, test_xor_kernel.py: the kernels). Training jobs started through the CLI get
-BIREAL_OPS=reference from `test_main.env_for`: `auto` would time candidates in each process, and
+BIREAL_OPS=reference from `cli.env_for`: `auto` would time candidates in each process, and
 two processes a test compares bit for bit could pick differently. Set BIREAL_OPS before pytest
 to run the suite under another setting.
 """
@@ -18,6 +29,8 @@ import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
 
 import pytest  # noqa: E402
+
+from cli import REPO  # noqa: E402  (tests/cli.py)
 
 
 class GcsEmulator:
@@ -163,3 +176,17 @@ class FaultProxy:
   def close(self):
     self.server.shutdown()
     self.server.server_close()
+
+
+@pytest.fixture
+def no_local_gs_folder():
+  """A URL is never turned into a local path: no `gs:` folder appears where jobs run."""
+  yield
+  assert not os.path.exists(os.path.join(REPO, "gs:")), "a local folder 'gs:' was written"
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+  """A folder of full-size synthetic Fashion-MNIST IDX files (fmnist_files.synthetic_split)."""
+  from fmnist_files import write_synthetic_fashion_mnist  # imports the input pipeline: lazily
+  return write_synthetic_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))

@@ -1,5 +1,6 @@
-"""Test helper: comparing trees of float results that differ only by the rounding of reordered
-sums (the CPU candidates against the reference)."""
+"""Test helpers: comparing trees of results — float results that differ only by the rounding of
+reordered sums (the CPU candidates against the reference), and trained states or exports leaf by
+leaf, named by their tree path."""
 import jax
 import numpy as np
 
@@ -15,3 +16,24 @@ def assert_close(a, b, rtol=2e-5):
   for x, y in pairs:
     assert x.shape == y.shape
     np.testing.assert_allclose(x, y, rtol=0, atol=rtol * max(np.abs(y).max(), floor, 1e-30))
+
+
+def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
+  """Same tree structure, every leaf within `rtol`/`atol` (the failing leaf's path is named)."""
+  la, ta = jax.tree_util.tree_flatten_with_path(a)
+  lb, tb = jax.tree_util.tree_flatten_with_path(b)
+  assert ta == tb
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def assert_trees(a, b, exact=True):
+  """Same tree structure, every leaf equal (`exact`) or within rtol 1e-4, atol 1e-5."""
+  if not exact:
+    return assert_trees_close(a, b, rtol=1e-4, atol=1e-5)
+  la, ta = jax.tree_util.tree_flatten_with_path(a)
+  lb, tb = jax.tree_util.tree_flatten_with_path(b)
+  assert ta == tb
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), jax.tree_util.keystr(path))

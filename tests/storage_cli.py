@@ -4,15 +4,12 @@ width 4); `--config.storage_retries=0` and a short `--config.storage_timeout_s` 
 cases short.
 """
 import json
-import os
 import re
 import subprocess
 import sys
 import textwrap
 
-import pytest
-
-from test_main import REPO, cmd, env_for, wait_for  # noqa: F401 (re-exported)
+from cli import REPO, cmd, env_for, wait_for  # noqa: F401 (re-exported; tests/cli.py)
 
 ARGS = ["--config=configs/fashion_mnist.py", "--config.dataset=synthetic",
         "--config.image_size=8", "--config.base_width=4", "--config.stage_sizes=(1,1)",
@@ -21,15 +18,6 @@ ARGS = ["--config=configs/fashion_mnist.py", "--config.dataset=synthetic",
         "--config.eval_every_epochs=100", "--config.log_every_steps=10",
         "--config.storage_retries=0", "--config.storage_timeout_s=8"]
 FOREVER = "--config.num_train_steps=1000000"
-
-
-
-
-@pytest.fixture(autouse=True)
-def no_local_gs_folder():
-  """A URL is never turned into a local path: no `gs:` folder appears where jobs run."""
-  yield
-  assert not os.path.exists(os.path.join(REPO, "gs:")), "a local folder 'gs:' was written"
 
 
 def env(gcs, devices=1, **extra):

@@ -1,8 +1,10 @@
-"""Checkpoint, resume, two-step and failure tests of the training loop (in-process).
+"""Checkpoint, resume, two-step and failure tests of the training loop (in-process), and which
+errors of a real Orbax restore count as damage (`checkpoint.is_damage`).
 
 Synthetic data (`config.dataset="synthetic"`, the loop's own deterministic source) keeps these
 independent of dataset files; the CLI tests run the same paths on Fashion-MNIST.
 """
+import errno
 import json
 import os
 import tempfile
@@ -184,3 +186,34 @@ def test_two_step_init_from_clip_run_and_eval_only_mode(tmp_path, capsys):
     train.train_and_evaluate(tiny_config(init_from=clip, base_width=8), str(tmp_path / "w8"))
   assert "params/conv1/kernel: model ((3, 3, 3, 8), 'float32') vs checkpoint ((3, 3, 3, 4)" \
       in str(e.value)
+
+
+def _orbax_error(fn):
+  try:
+    fn()
+  except Exception as e:  # noqa: BLE001 - the error is the result
+    return e
+  raise AssertionError("expected an error")
+
+
+def test_is_damage_on_real_orbax_errors_and_not_on_others(tmp_path):
+  d = tmp_path / "ck"
+  with ocp.CheckpointManager(d, item_names=("state",)) as m:
+    for step in (1, 2, 3):
+      m.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"w": np.arange(100.)})))
+    m.wait_until_finished()
+  for root, _, files in os.walk(d / "3" / "state"):  # truncated data files
+    for f in files:
+      if f not in ("_METADATA", "_CHECKPOINT_METADATA", "commit_success.txt"):
+        p = os.path.join(root, f)
+        os.truncate(p, os.path.getsize(p) // 3)
+  (d / "2" / "state" / "_METADATA").write_text("garbage{")  # unparsable metadata
+  args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item={"w": np.zeros(100)}))
+  with ocp.CheckpointManager(d, item_names=("state",)) as m:
+    for step in (3, 2):
+      e = _orbax_error(lambda: m.restore(step, args=args))
+      assert checkpoint.is_damage(e), (step, type(e), e)
+    m.restore(1, args=args)
+  assert not checkpoint.is_damage(MemoryError())
+  assert not checkpoint.is_damage(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+  assert not checkpoint.is_damage(ValueError("UNAVAILABLE: NOT_FOUND-looking text"))

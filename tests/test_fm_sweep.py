@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from bireal_jax import input_pipeline as ip
-from test_input_pipeline import synth_dir  # noqa: F401  (fixture: full-size synthetic IDX files)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("fm_sweep",

@@ -1,4 +1,7 @@
-"""BinaryConv against an independent numpy convolution; Bi-Real blocks' wiring, dtypes, errors."""
+"""BinaryConv against an independent numpy convolution; Bi-Real blocks' wiring, dtypes, errors;
+and on the CPU fast paths (`ops.implementation`: "native", "jax", "reference"): the max-pool,
+BatchNorm and binary convolution against flax's layers and the lax reference, same values and
+gradients to float tolerance, ties routed alike."""
 import functools
 
 import flax.linen as nn
@@ -6,9 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_paths import both, conv_branch, cpu_only, traced  # tests/fast_paths.py
+from numerics import assert_close  # tests/numerics.py
 
-from bireal_jax import layers
+from bireal_jax import layers, ops
 from bireal_jax.layers import BinaryConv, BiRealBlock, BiRealBottleneck, Downsample
+from bireal_jax.ops.cpu import onednn
 
 
 def _init(module, *args, seed=1):
@@ -18,6 +24,10 @@ def _init(module, *args, seed=1):
 
 def _apply(module, variables, *args, **kwargs):
   return jax.jit(functools.partial(module.apply, **kwargs))(variables, *args)
+
+
+def _key(seed=0):
+  return jax.random.key(seed, impl="rbg")
 
 
 def _x(*shape, seed=0):
@@ -204,3 +214,234 @@ def test_bottleneck_streams_and_real_first_conv():
   assert y1.shape == (1, 4, 4, 8) and y2.shape == (1, 4, 4, 32)
   assert {"down_conv1x1", "downsample", "conv1", "conv2", "conv3"} <= set(v2["params"])
 
+
+# ---------------------------------------------------------------------------------------------
+# On the CPU fast paths: layers.max_pool, layers.BatchNorm and BinaryConv against flax's
+# layers and the lax reference (ops.implementation)
+# ---------------------------------------------------------------------------------------------
+
+
+POOLS = [
+    ((2, 9, 8, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),   # stem geometry, odd/even sizes
+    ((2, 10, 10, 4), (3, 3), (2, 2), "SAME"),
+    ((1, 7, 6, 2), (2, 3), (1, 2), ((0, 1), (2, 0))),   # asymmetric window, stride and pads
+    ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("shape,window,strides,padding", POOLS)
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_max_pool_values_and_gradients_match_nn_max_pool(shape, window, strides, padding, ties,
+                                                         use_onednn):
+  x = _x(*shape)
+  if ties:  # few distinct values: most windows hold several equal maxima
+    x = jnp.round(x)
+  ref = lambda v: nn.max_pool(v, window, strides, padding=padding)
+  new = lambda v: layers.max_pool(v, window, strides, padding)
+  setting = "native" if use_onednn else "jax"  # "jax": no custom calls, the sliced max-pool
+  jaxpr = traced(new, x, fast=setting)
+  with ops.implementation(setting):
+    y_new, vjp_new = jax.vjp(new, x)
+  assert "reduce_window_max" not in jaxpr
+  # oneDNN takes every geometry here but the one whose padding reaches the window size.
+  wants_onednn = use_onednn and onednn.available() and padding != ((0, 1), (2, 0))
+  assert ("bireal_onednn_pool_fwd" in jaxpr) == wants_onednn
+  y_ref, vjp_ref = jax.vjp(ref, x)
+  np.testing.assert_array_equal(y_new, y_ref)
+  # Integer cotangents: every gradient entry is an exact small sum, so routing must match exactly.
+  g = jnp.asarray(np.random.default_rng(1).integers(1, 50, y_ref.shape).astype(np.float32))
+  np.testing.assert_array_equal(vjp_new(g)[0], vjp_ref(g)[0])
+
+
+@cpu_only
+def test_max_pool_sends_each_tied_window_gradient_to_its_first_maximum():
+  x = jnp.zeros((1, 4, 4, 1))  # all equal: the first valid pixel of each window wins
+  g = jnp.asarray(np.arange(1, 5, dtype=np.float32).reshape(1, 2, 2, 1))
+  with ops.implementation("native"):
+    dx = jax.vjp(lambda v: layers.max_pool(v), x)[1](g)[0][0, :, :, 0]
+  expected = np.zeros((4, 4), np.float32)
+  expected[0, 0], expected[0, 1], expected[1, 0], expected[1, 1] = 1, 2, 3, 4
+  np.testing.assert_array_equal(dx, expected)
+
+
+@cpu_only
+def test_max_pool_reference_path_off_cpu_fast_paths():
+  x = _x(1, 6, 6, 2)
+  assert "reduce_window_max" in traced(lambda v: layers.max_pool(v), x, fast=False)
+
+
+@cpu_only
+def test_max_pool_rejects_bad_ranks():
+  with pytest.raises(ValueError, match="NHWC"):
+    layers.max_pool(jnp.zeros((4, 4, 2)))
+
+
+def _bn_outputs(cls, x, g, **kw):
+  """Output, updated batch stats and gradients (x, scale, bias) of a training-mode BatchNorm."""
+  m = cls(use_running_average=False, momentum=0.9, **kw)
+  c = x.shape[-1]
+  params = {"scale": jnp.linspace(0.5, 2.0, c), "bias": jnp.linspace(-1.0, 1.0, c)}
+  stats = {"mean": jnp.full((c,), 0.3), "var": jnp.full((c,), 2.0)}
+
+  def f(p, v):
+    y, upd = m.apply({"params": p, "batch_stats": stats}, v, mutable=["batch_stats"])
+    return jnp.sum(y * g), (y, upd["batch_stats"])
+  (_, (y, upd)), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
+  return y, upd, grads
+
+
+@cpu_only
+def test_batchnorm_fast_path_matches_nn_batchnorm():
+  x = _x(4, 5, 6, 8) * 3.0 + 1.0
+  g = _x(4, 5, 6, 8, seed=2)
+  m = layers.BatchNorm(use_running_average=False)
+  variables = m.init(_key(), x)
+  forward = traced(lambda v: m.apply(variables, v, mutable=["batch_stats"]), x, fast=True)
+  assert "custom_vjp_call" in forward  # the hand-written backward, not autodiff of flax's ops
+  with ops.implementation("native"):
+    fast = jax.jit(lambda a, b: _bn_outputs(layers.BatchNorm, a, b))(x, g)
+  assert_close(fast, _bn_outputs(nn.BatchNorm, x, g), rtol=1e-5)
+
+
+@cpu_only
+def test_batchnorm_fast_path_averages_statistics_and_gradients_across_replicas():
+  n = min(jax.local_device_count(), 4)
+  if n < 2:
+    pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  x = _x(n, 2, 3, 3, 4) * 2.0 - 0.5
+  g = _x(n, 2, 3, 3, 4, seed=3)
+  with ops.implementation("native"):
+    out = [jax.pmap(lambda a, b: _bn_outputs(cls, a, b, axis_name="r"), axis_name="r")(x, g)
+           for cls in (layers.BatchNorm, nn.BatchNorm)]
+    m = layers.BatchNorm(use_running_average=False, axis_name="r")
+    variables = m.init(_key(), x[0])
+    forward = str(jax.make_jaxpr(lambda v: m.apply(variables, v, mutable=["batch_stats"]),
+                                 axis_env=[("r", n)])(x[0]))
+  assert "custom_vjp_call" in forward  # the hand-written backward, with the replicas' statistics
+  assert_close(out[0], out[1], rtol=1e-5)
+  # And the global statistics equal one device's over the whole batch.
+  whole = _bn_outputs(nn.BatchNorm, x.reshape(-1, 3, 3, 4), g.reshape(-1, 3, 3, 4))
+  assert_close(out[0][1], jax.tree.map(lambda v: jnp.broadcast_to(v, (n,) + v.shape), whole[1]),
+         rtol=1e-5)
+
+
+@cpu_only
+def test_batchnorm_keeps_flax_paths_for_eval_init_and_other_cases():
+  x = _x(2, 3, 3, 4)
+  m = layers.BatchNorm(use_running_average=False)
+  assert "custom_vjp_call" not in traced(lambda v: m.init(_key(), v), x, fast=True)
+  variables = m.init(_key(), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, nn.BatchNorm(use_running_average=False).init(_key(), x))
+  ev = layers.BatchNorm(use_running_average=True)
+  np.testing.assert_array_equal(ev.apply(variables, x),
+                                nn.BatchNorm(use_running_average=True).apply(variables, x))
+  for other in (traced(lambda v: m.apply(variables, v, mutable=["batch_stats"]), x, fast=False),
+                traced(lambda v: layers.BatchNorm(
+                    use_running_average=False, use_fast_variance=False).apply(
+                        variables, v, mutable=["batch_stats"]), x, fast=True)):
+    assert "custom_vjp_call" not in other
+
+
+# The "native" preset without the int8 forward: where the XOR kernel does not apply (asymmetric
+# padding), the binary conv falls back to the f32 convolution.
+XOR_ONLY = dict(ops.PRESETS["native"], binary_conv2d=("xor",))
+
+
+CONVS = [  # (input shape, features, kernel, stride, padding, forward branch expected, setting)
+    ((2, 9, 8, 3), 5, 3, 1, 1, "xor", "native"),           # odd/even sizes
+    ((2, 16, 16, 4), 6, 3, 1, 1, "xor", "native"),
+    ((2, 16, 16, 4), 6, 3, 2, 1, "xor", "native"),          # strided
+    ((1, 9, 9, 2), 3, 3, 2, "VALID", "xor", "native"),
+    ((2, 8, 8, 4), 8, 1, 2, 0, "xor", "native"),            # 1x1 shortcut-style conv
+    ((2, 11, 10, 3), 4, 3, 2, "SAME", "int8", "native"),    # TF 'SAME' at stride 2: asymmetric
+    ((1, 9, 8, 3), 5, 3, 2, ((2, 0), (0, 1)), "int8", "native"),
+    ((2, 16, 16, 4), 6, 3, 1, ((1, 1), (0, 2)), "int8", "native"),  # asymmetric, 16x16 output
+    ((2, 16, 16, 4), 6, 3, 1, ((1, 1), (0, 2)), "f32", XOR_ONLY),   # no exact kernel applies
+]
+
+
+@cpu_only
+@pytest.mark.parametrize("shape,features,k,stride,padding,branch,setting", CONVS)
+@pytest.mark.parametrize("activation,kernel_quantizer", [
+    ("approx_sign", "magnitude_aware"), ("ste_sign", "official"), ("identity_sign", "sign")])
+def test_binary_conv_fast_path_matches_lax_conv_values_and_gradients(
+    shape, features, k, stride, padding, branch, setting, activation, kernel_quantizer):
+  x = _x(*shape)
+  conv = BinaryConv(features, (k, k), stride, padding=padding, input_quantizer=activation,
+                    kernel_quantizer=kernel_quantizer, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(1), x)
+  g = _x(*jax.eval_shape(conv.apply, params, x).shape, seed=2)
+
+  def value_and_grads(p, v):
+    y, vjp = jax.vjp(conv.apply, p, v)
+    return y, vjp(g)
+
+  assert conv_branch(traced(value_and_grads, params, x, fast=setting)) == branch
+  assert conv_branch(traced(value_and_grads, params, x, fast=False)) == "f32"
+  (y_fast, grads_fast), (y_ref, grads_ref) = both(value_and_grads, params, x, fast=setting)
+  assert_close(y_fast, y_ref)
+  assert_close(grads_fast, grads_ref)
+
+
+@cpu_only
+@pytest.mark.parametrize("shape,features,k,stride,padding",
+                         [row[:5] for row in CONVS if row[5] == "xor"])
+def test_binary_conv_pure_jax_xor_path_without_onednn(shape, features, k, stride, padding):
+  # The XOR forward without the C++ custom calls (the "jax" preset): `bits.xor_popcount_conv`.
+  x = _x(*shape)
+  conv = BinaryConv(features, (k, k), stride, padding=padding, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(1), x)
+  g = _x(*jax.eval_shape(conv.apply, params, x).shape, seed=2)
+
+  def value_and_grads(p, v):
+    y, vjp = jax.vjp(conv.apply, p, v)
+    return y, vjp(g)
+
+  jaxpr = traced(value_and_grads, params, x, fast="jax")
+  with ops.implementation("jax"):
+    fast = jax.jit(lambda *a: value_and_grads(*a))(params, x)
+  assert "population_count" in jaxpr and "bireal_" not in jaxpr
+  with ops.implementation("reference"):
+    ref = jax.jit(lambda *a: value_and_grads(*a))(params, x)
+  assert_close(fast, ref)
+
+
+@cpu_only
+def test_xor_branch_is_at_least_as_exact_as_the_f32_conv():
+  # ±1 inputs times ±α kernels: the exact result is α·(integer sum), computed in float64.
+  x = _x(2, 7, 7, 64)
+  conv = BinaryConv(16, (3, 3), 1, padding=1, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(3), x)
+  kernel = np.asarray(params["params"]["kernel"], np.float64)
+  alpha = np.abs(kernel).mean(axis=(0, 1, 2))
+  xs = np.pad(np.where(np.asarray(x) >= 0, 1.0, -1.0), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ws = np.where(kernel >= 0, 1.0, -1.0)
+  exact = sum(xs[:, i:i + 7, j:j + 7, :] @ ws[i, j] for i in range(3) for j in range(3)) * alpha
+  assert conv_branch(traced(conv.apply, params, x, fast=True)) == "xor"
+  y_fast, y_ref = both(conv.apply, params, x)
+  err_fast = np.abs(np.asarray(y_fast, np.float64) - exact).max()
+  err_ref = np.abs(np.asarray(y_ref, np.float64) - exact).max()
+  assert err_fast <= err_ref + 1e-12
+  assert err_fast <= 4 * np.finfo(np.float32).eps * np.abs(exact).max()
+
+
+@cpu_only
+@pytest.mark.parametrize("activation,kernel_quantizer", [("hardtanh", None), ("approx_sign", None),
+                                                          (None, "magnitude_aware")])
+def test_non_binary_convs_keep_the_lax_conv(activation, kernel_quantizer):
+  x = _x(1, 6, 6, 3)
+  conv = BinaryConv(4, (3, 3), 2, padding=1, input_quantizer=activation,
+                    kernel_quantizer=kernel_quantizer, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(0), x)
+  assert conv_branch(traced(conv.apply, params, x, fast=True)) == "f32"
+
+
+@cpu_only
+def test_bfloat16_convs_keep_the_lax_conv():
+  x = _x(1, 6, 6, 3)
+  conv = BinaryConv(4, (3, 3), 2, padding=1, dtype=jnp.bfloat16, kernel_init="lecun_normal")
+  params = jax.jit(conv.init)(_key(0), x)
+  assert conv_branch(traced(conv.apply, params, x, fast=True)) == "f32"

@@ -6,107 +6,17 @@ they still run in CI (deselect locally with `-k "not slow"`). Training runs are 
 """
 import os
 import signal
-import subprocess
-import sys
-import tempfile
-import time
 
-import numpy as np
 import pytest
 
 from bireal_jax import config as config_lib
+from cli import REPO, TINY, exported, run_cli, saved_steps, start_cli, wait_for  # tests/cli.py
+from numerics import assert_trees  # tests/numerics.py
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(tempfile.gettempdir(), f"bireal_jax_test_xla_cache_{os.getuid()}")
 FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 needs_fmnist = pytest.mark.skipif(not os.path.exists(FMNIST),
                                   reason=f"Fashion-MNIST IDX files not installed ({FMNIST}); "
                                   "`make data` installs them")
-
-TINY = ["--config.image_size=8", "--config.base_width=4", "--config.stage_sizes=(1,1)",
-        "--config.batch_size=32", "--config.eval_batch_size=64", "--config.steps_per_eval=2",
-        "--config.progress_bar=False", "--config.tensorboard=False",
-        "--config.eval_every_epochs=100"]
-
-
-def env_for(devices: int) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_COMPILATION_CACHE_DIR"] = CACHE  # the same tiny programs compile once per suite
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-  env["JAX_PLATFORMS"] = "cpu"
-  env.setdefault("BIREAL_OPS", "reference")  # see conftest.py: the same picks in every process
-  env.pop("JAX_COORDINATOR_ADDRESS", None)
-  return env
-
-
-def cmd(*args):
-  return [sys.executable, "-m", "bireal_jax.main", *args]
-
-
-def run_cli(*args, devices=8, timeout=600):
-  return subprocess.run(cmd(*args), cwd=REPO, env=env_for(devices), capture_output=True,
-                        text=True, timeout=timeout)
-
-
-def start_cli(*args, devices=8, log=None):
-  return subprocess.Popen(cmd(*args), cwd=REPO, env=env_for(devices), stdout=log,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-def run_two_processes(start, args, tmp_path) -> str:
-  """Run `start(*args, <2-process flags>, devices=4, log=f)` as processes 0 and 1 of one job (a
-  coordinator on a free local port); asserts both exit 0; returns process 0's output."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  procs = []
-  for pid in range(2):
-    log = open(tmp_path / f"p{pid}.txt", "w")
-    procs.append((start(*args, "--config.distributed=on",
-                        f"--config.coordinator_address=127.0.0.1:{port}",
-                        "--config.num_processes=2", f"--config.process_id={pid}",
-                        devices=4, log=log), log))
-  for pid, (p, log) in enumerate(procs):
-    rc = p.wait(600)
-    log.close()
-    assert rc == 0, (tmp_path / f"p{pid}.txt").read_text()[-3000:]
-  return (tmp_path / "p0.txt").read_text()
-
-
-def saved_steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-def wait_for(predicate, proc, timeout=300, what="condition"):
-  t0 = time.time()
-  while not predicate():
-    if proc.poll() is not None:
-      raise AssertionError(f"process ended (rc {proc.returncode}) before {what}")
-    if time.time() - t0 > timeout:
-      proc.kill()
-      raise AssertionError(f"timed out waiting for {what}")
-    time.sleep(0.05)
-
-
-def exported(workdir):
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "inference", "variables"))
-
-
-def assert_trees(a, b, exact=True):
-  import jax
-  la, ta = jax.tree_util.tree_flatten_with_path(a)
-  lb, tb = jax.tree_util.tree_flatten_with_path(b)
-  assert ta == tb
-  for (path, x), (_, y) in zip(la, lb):
-    if exact:
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), jax.tree_util.keystr(path))
-    else:
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5,
-                                 err_msg=jax.tree_util.keystr(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ test_main.py.
 """
 import pytest
 
-from test_main import (TINY, assert_trees, exported, run_cli, run_two_processes, saved_steps,
-                       start_cli)
+from cli import (TINY, exported, run_cli, run_two_processes, saved_steps,  # tests/cli.py
+                 start_cli)
+from numerics import assert_trees  # tests/numerics.py
 
 
 @pytest.mark.parametrize("mapping", ["pmap", "shard_map"])

@@ -1,10 +1,14 @@
-"""Models: exact parameter counts, real twins, stems, dtypes, shortcut modes, input errors."""
+"""Models: exact parameter counts, real twins, stems, dtypes, shortcut modes, input errors;
+a tiny net's gradients on the CPU fast paths against the reference paths."""
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_paths import both, conv_branch, cpu_only, loss_and_grads, traced  # tests/fast_paths.py
+from numerics import assert_close  # tests/numerics.py
 
 from bireal_jax import models
 from bireal_jax.layers import BinaryConv
@@ -228,3 +232,24 @@ def test_impossible_options_are_refused_when_the_model_is_made(kw, message):
     models.get("bireal18", **kw)
   with pytest.raises(ValueError, match=re.escape(message)):
     bnnx.get("bireal18", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# On the CPU fast paths: gradients of a tiny net, native vs reference paths
+# ---------------------------------------------------------------------------------------------
+
+
+@cpu_only
+@pytest.mark.parametrize("stem,size", [("imagenet", 64), ("small", 14)])
+def test_tiny_bireal18_gradients_match_the_reference_paths(stem, size):
+  model = models.get("bireal18", num_classes=7, base_width=8, stem=stem,
+                     binary_kernel_init="lecun_normal")
+  images = _x(3, size, size, 3, seed=4)
+  labels = jnp.asarray([0, 3, 6])
+  variables = jax.jit(model.init)(_key(5), images[:1])
+  fn = functools.partial(loss_and_grads, model)
+  assert conv_branch(traced(fn, variables, images, labels, fast=True)) == "xor"
+  fast, ref = both(fn, variables, images, labels)
+  assert_close(fast[0], ref[0], rtol=1e-5)
+  assert_close(fast[1], ref[1], rtol=1e-4)  # 11 binary layers deep: reordered f32 sums compound
+  assert_close(fast[2], ref[2], rtol=1e-5)

@@ -172,7 +172,8 @@ def test_bireal152_loads_linen_variables():
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), want)
   model = bnnx.from_linen(models.get("bireal152"), zeros)
   assert _sig(bnnx.to_linen_variables(model)) == _sig(want)
-  assert len(model._plan) == 3 + 8 + 36 + 3
+  assert sum(isinstance(m, bnnx.BiRealBottleneck)
+             for _, m in nnx.iter_modules(model)) == 3 + 8 + 36 + 3
 
 
 def test_mode_switching_and_view():

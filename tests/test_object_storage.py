@@ -13,9 +13,11 @@ import sys
 
 import pytest
 
-from storage_cli import (ARGS, REPO, cmd, env, env_for, no_local_gs_folder,  # noqa: F401
+from storage_cli import (ARGS, REPO, cmd, env, env_for,  # noqa: F401
                          python, run_cli, same_exports, start_cli, steps, wait_for)
-from test_main import run_two_processes
+from cli import run_two_processes  # tests/cli.py
+
+pytestmark = pytest.mark.usefixtures("no_local_gs_folder")  # conftest.py
 
 
 def test_gs_workdir_resumes_after_sigterm_bit_identical_evals_exports_and_inits(gcs, tmp_path):

@@ -6,8 +6,12 @@ import json
 import socket
 import subprocess
 
-from storage_cli import (ARGS, FOREVER, no_local_gs_folder, run_cli, start_cli,  # noqa: F401
+import pytest
+
+from storage_cli import (ARGS, FOREVER, run_cli, start_cli,  # noqa: F401
                          steps, wait_for)
+
+pytestmark = pytest.mark.usefixtures("no_local_gs_folder")  # conftest.py
 
 
 def test_gs_workdir_lock_refuses_a_second_job_takes_over_a_dead_one_and_stops_when_lost(

@@ -1,6 +1,6 @@
 """oneDNN convolutions (jax.ffi custom calls, CPU only) against `lax.conv_general_dilated`:
-values, input and kernel gradients, under jit/pmap/vmap, and how the layers choose them; and the
-C++ XOR binary-conv forward (`bireal_jax.ops.cpu.xor`)."""
+values, input and kernel gradients, under jit/pmap/vmap, and how the layers choose them. (The
+C++ XOR binary-conv forward, `bireal_jax.ops.cpu.xor`: test_xor_kernel.py.)"""
 import os
 import subprocess
 import sys
@@ -13,12 +13,12 @@ import pytest
 from jax import lax
 
 from bireal_jax import layers, models, ops
-from bireal_jax.ops.cpu import binconv, onednn, xor
+from bireal_jax.ops.cpu import onednn
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN convolutions are CPU-only"),
     pytest.mark.skipif(jax.default_backend() == "cpu" and not onednn.available(),
-                       reason=f"oneDNN convolutions not built here: {onednn._unavailable_reason()}"
+                       reason=f"oneDNN convolutions not built here: {onednn.unavailable_reason()}"
                        " (make sysdeps installs g++ and libdnnl-dev)"),
 ]
 
@@ -141,46 +141,6 @@ def test_max_pool2d_rejects_bad_input():
     onednn.max_pool2d(x, (2, 2), (2, 2), ((2, 2), (0, 0)))
   with pytest.raises(ValueError, match="does not fit"):
     onednn.max_pool2d(x, (9, 9), (1, 1), ((0, 0), (0, 0)))
-
-
-XOR_CONVS = [  # (x shape, kernel shape, stride, pad): channels off and on word/vector sizes
-    ((2, 9, 8, 3), (3, 3, 3, 5), 1, 1),
-    ((2, 16, 16, 64), (3, 3, 64, 64), 1, 1),
-    ((2, 15, 15, 40), (3, 3, 40, 70), 2, 1),
-    ((1, 7, 7, 128), (3, 3, 128, 128), 1, 1),
-    ((2, 6, 5, 33), (3, 3, 33, 7), 1, 0),
-    ((2, 8, 8, 4), (1, 1, 4, 8), 2, 0),
-]
-
-
-needs_xor = pytest.mark.skipif(jax.default_backend() == "cpu" and not xor.available(),
-                               reason="the C++ XOR kernel is not built here (needs g++)")
-
-
-@needs_xor
-@pytest.mark.parametrize("x_shape,k_shape,stride,pad", XOR_CONVS)
-def test_xor_conv_equals_the_f32_conv_and_the_jax_xor_kernel(x_shape, k_shape, stride, pad):
-  from bireal_jax import quantizers
-  xq = jnp.where(_rand(x_shape, 5) >= 0, 1.0, -1.0)
-  wq = quantizers.magnitude_aware_sign(_rand(k_shape, 6))
-  strides, pads = (stride, stride), ((pad, pad), (pad, pad))
-  kernel = jax.jit(lambda a, b: xor.xor_conv(a, b, stride, pad))
-  # Exact integers times α: the f32 convolution of the same operands agrees to its rounding.
-  _assert_close(kernel(xq, wq), _ref(xq, wq, strides, pads))
-  # Bit for bit the pure-JAX kernel, also for ±0 entries (bit 0, i.e. +1, in both).
-  wq = wq.at[0, 0, 0].set(0.0 * wq[0, 0, 0])
-  np.testing.assert_array_equal(kernel(xq, wq), binconv.xor_jax(xq, wq, strides, pads))
-
-
-@needs_xor
-def test_xor_conv_lowers_to_its_custom_call_and_rejects_bad_input():
-  xq, wq = jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
-  assert "bireal_xor_conv_fwd" in jax.jit(
-      lambda a, b: xor.xor_conv(a, b, 1, 1)).lower(xq, wq).as_text()
-  with pytest.raises(ValueError, match="matching channels"):
-    xor.xor_conv(xq, jnp.ones((3, 3, 2, 4)), 1, 1)
-  with pytest.raises(ValueError, match="does not fit"):
-    xor.xor_conv(xq, jnp.ones((7, 7, 3, 4)), 1, 0)
 
 
 def test_layers_choose_onednn_only_on_the_cpu_fast_paths():

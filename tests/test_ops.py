@@ -1,24 +1,30 @@
 """`bireal_jax.ops`: every candidate of every op against the plain-lax reference (values and
 gradients, on Bi-Real's geometries at small scale), what `ops.applicable` lets run, BatchNorm's
 replica statistics under `pmap`, and `auto`: valid picks, kept in memory and on disk, reused by a
-later process without timing, the reference below the work threshold.
+later process without timing, the reference below the work threshold; the CPU compiler options;
+the switch (`ops.implementation`: nesting, threads, bad names, BIREAL_OPS); CPU tuning opt-in and
+`ops.explain`.
 
 Each candidate runs by naming it: `ops.implementation({op: name})`, the other ops on "reference".
 """
+import functools
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_paths import loss_and_grads  # tests/fast_paths.py
 from numerics import assert_close  # tests/numerics.py
+from op_cases import auto_cases, auto_workload, bn_operands, conv_operands  # tests/op_cases.py
 
-from bireal_jax import ops, quantizers
+from bireal_jax import layers, models, ops, quantizers
 from bireal_jax.ops import autotune, reference
 from bireal_jax.ops.cpu import build, onednn, xor
 
@@ -30,6 +36,10 @@ TESTS = Path(__file__).resolve().parent
 
 def _x(*shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def _key(seed=0):
+  return jax.random.key(seed, impl="rbg")
 
 
 _close = assert_close
@@ -138,16 +148,6 @@ def test_the_same_padding_geometry_is_asymmetric():
   assert SYMMETRIC == set(CONVS) - {"same_s2"}
 
 
-def _conv_operands(geometry, binary):
-  x_shape, k_shape, strides, pads = geometry
-  x, w = _x(*x_shape, seed=1), _x(*k_shape, seed=2)
-  if binary:  # xq ∈ {±1}, wq = α·sign(W) with α per output channel
-    x = jnp.where(x >= 0, 1.0, -1.0)
-    w = quantizers.magnitude_aware_sign(w)
-  out = jax.eval_shape(lambda a, b: reference.conv2d(a, b, strides, pads), x, w)
-  return x, w, _x(*out.shape, seed=3), dict(strides=strides, pads=pads)
-
-
 def _exact_binary(xq, wq, strides, pads):
   """α·D rounded once to f32, D the integer sums computed exactly in numpy."""
   x, w = np.asarray(xq, np.float64), np.asarray(wq)
@@ -166,7 +166,7 @@ def _exact_binary(xq, wq, strides, pads):
 @pytest.mark.parametrize("name", list(ops.CANDIDATES["conv2d"]))
 def test_conv2d_candidate_matches_the_reference(name, geometry):
   _skip_unavailable("conv2d", name)
-  x, w, g, statics = _conv_operands({**CONVS, **STEM}[geometry], binary=False)
+  x, w, g, statics = conv_operands({**CONVS, **STEM}[geometry], binary=False)
   applies = name in ops.applicable("conv2d", (x, w), statics)
   # The flipped-kernel input gradient needs stride 1; every other candidate takes them all.
   assert applies == (name != "onednn_flip" or statics["strides"] == (1, 1))
@@ -193,8 +193,8 @@ def test_onednn_input_gradient_forms(size):
     assert ("bireal_onednn_conv_bwd_data" in str(grad)) == uses_bwd_data, name
   # `auto` times the forward once in eval and the two input-gradient forms in training.
   names = ops.applicable("conv2d", (x, w), statics)
-  assert autotune._timed_here("conv2d", names, train=False) == ["reference", "onednn"]
-  assert autotune._timed_here("conv2d", names, train=True) == ["reference", "onednn_bwd_data",
+  assert autotune.timed_candidates("conv2d", names, train=False) == ["reference", "onednn"]
+  assert autotune.timed_candidates("conv2d", names, train=True) == ["reference", "onednn_bwd_data",
                                                                "onednn_flip"]
 
 
@@ -205,7 +205,7 @@ EXACT = ("xor", "xor_jax", "int8")  # integer sums scaled by α once
 @pytest.mark.parametrize("name", list(ops.CANDIDATES["binary_conv2d"]))
 def test_binary_conv2d_candidate_matches_the_reference(name, geometry):
   _skip_unavailable("binary_conv2d", name)
-  xq, wq, g, statics = _conv_operands(CONVS[geometry], binary=True)
+  xq, wq, g, statics = conv_operands(CONVS[geometry], binary=True)
   applies = name in ops.applicable("binary_conv2d", (xq, wq), statics)
   # The XOR kernels take equal strides and one padding on all four sides only.
   assert applies == (name not in ("xor", "xor_jax") or geometry in SYMMETRIC)
@@ -223,7 +223,7 @@ def test_binary_conv2d_candidate_matches_the_reference(name, geometry):
 
 
 def test_applicable_follows_dtype_and_geometry():
-  x, w, _, statics = _conv_operands(CONVS["3x3s1p1"], binary=True)
+  x, w, _, statics = conv_operands(CONVS["3x3s1p1"], binary=True)
   native = lambda op, names: [n for n in names if ops.CANDIDATES[op][n].available()]  # noqa
   assert ops.applicable("binary_conv2d", (x, w), statics) == native(
       "binary_conv2d", ["reference", "onednn", "xor", "xor_jax", "int8"])
@@ -281,19 +281,10 @@ def test_max_pool_candidate_matches_the_reference_exactly(name, geometry, ties):
 # batch_norm_train
 # ------------------------------------------------------------------------------------------------
 
-def _bn_operands(shape, seed=6):
-  c = shape[-1]
-  x = _x(*shape, seed=seed) * 2.0 + 0.5
-  scale, bias = jnp.linspace(0.5, 2.0, c), jnp.linspace(-1.0, 1.0, c)
-  g = _x(*shape, seed=seed + 1)
-  # Only y's cotangent: the layers stop the statistics' gradient (fused_bwd ignores theirs).
-  return x, scale, bias, (g, jnp.zeros((c,)), jnp.zeros((c,)))
-
-
 @pytest.mark.parametrize("shape", [(4, 5, 6, 7), (2, 9, 8, 40)])
 @pytest.mark.parametrize("name", list(ops.CANDIDATES["batch_norm_train"]))
 def test_batch_norm_train_candidate_matches_the_reference(name, shape):
-  x, scale, bias, cts = _bn_operands(shape)
+  x, scale, bias, cts = bn_operands(shape)
   statics = dict(epsilon=1e-5, axis_name=None)
   assert name in ops.applicable("batch_norm_train", (x, scale, bias), statics)
   jaxpr, out, grads = _run(_only("batch_norm_train", name),
@@ -312,7 +303,7 @@ def test_batch_norm_train_over_replicas_equals_the_whole_batch(name):
   if jax.local_device_count() < 2:
     pytest.skip("needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   n, shape = 2, (3, 5, 4, 6)
-  x, scale, bias, (g, zc, _) = _bn_operands((n * shape[0],) + shape[1:], seed=8)
+  x, scale, bias, (g, zc, _) = bn_operands((n * shape[0],) + shape[1:], seed=8)
   statics = dict(epsilon=1e-5)
 
   def replica(xi, gi):
@@ -353,46 +344,15 @@ def autotune_env(tmp_path, monkeypatch):
   monkeypatch.setenv("BIREAL_AUTOTUNE_MIN_WORK", "0")
   monkeypatch.setenv("BIREAL_AUTOTUNE_ROUNDS", "1")
   monkeypatch.delenv("BIREAL_AUTOTUNE_CACHE", raising=False)
-  autotune._MEMO.clear()
-  autotune._DISK.clear()
+  autotune.clear_cache()
   yield tmp_path
-  autotune._MEMO.clear()
-  autotune._DISK.clear()
-
-
-# The operands `_auto_workload` traces: op -> (arrays, statics, cotangents).
-def _auto_cases():
-  xq, wq, gc, conv = _conv_operands(((2, 10, 9, 8), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1))),
-                                    binary=True)
-  x = _x(*xq.shape, seed=9)
-  pool = dict(window=(3, 3), strides=(2, 2), pads=((1, 1), (1, 1)))
-  gp = _x(*jax.eval_shape(lambda v: reference.max_pool(v, **pool), x).shape, seed=10)
-  bx, scale, bias, bct = _bn_operands((2, 10, 9, 16))
-  return {"conv2d": ((x, wq), conv, gc), "binary_conv2d": ((xq, wq), conv, gc),
-          "max_pool": ((x,), pool, gp),
-          "batch_norm_train": ((bx, scale, bias), dict(epsilon=1e-5, axis_name=None), bct)}
-
-
-def _auto_workload():
-  """Each op traced under "auto": a jitted eval forward (not batch_norm_train, training-only)
-  and a jitted forward + backward. Returns {op: (eval output or None, (output, gradients))}."""
-  results = {}
-  with ops.implementation("auto"):
-    for op, (arrays, statics, cts) in _auto_cases().items():
-      fn = lambda *a, op=op, statics=statics: getattr(ops, op)(*a, **statics)  # noqa: E731
-      ev = None if op == "batch_norm_train" else jax.jit(lambda *a: fn(*a))(*arrays)
-
-      def train(*a, fn=fn, cts=cts):
-        out, vjp = jax.vjp(fn, *a)
-        return out, vjp(cts)
-      results[op] = (ev, jax.jit(train)(*arrays))
-  return results
+  autotune.clear_cache()
 
 
 def _memo_entries():
   """[(op, arrays as ShapeDtypeStructs, statics, mode, pick)] of `auto`'s in-memory picks."""
   out = []
-  for key, pick in autotune._MEMO.items():
+  for key, pick in autotune.cached_picks().items():
     op, shapes, stat, mode = json.loads(key)
     arrays = tuple(jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d)) for s, d in shapes)
     stat = {k: (tuple(tuple(p) if isinstance(p, list) else p for p in v)
@@ -404,7 +364,7 @@ def _memo_entries():
 
 
 def test_auto_picks_valid_candidates_that_match_the_reference(autotune_env):
-  results = _auto_workload()
+  results = auto_workload()
   entries = _memo_entries()
   assert {e[0] for e in entries} == TRAINING_OPS
   for op, arrays, statics, mode, pick in entries:
@@ -423,7 +383,7 @@ def test_auto_picks_valid_candidates_that_match_the_reference(autotune_env):
 
   refs = {"conv2d": reference.conv2d, "binary_conv2d": reference.conv2d,
           "max_pool": reference.max_pool, "batch_norm_train": reference.batch_norm_train}
-  for op, (arrays, statics, cts) in _auto_cases().items():
+  for op, (arrays, statics, cts) in auto_cases().items():
     ev, (out, grads) = results[op]
     out_ref, grads_ref = _reference(lambda *a: refs[op](*a, **statics), arrays, cts)
     rtol = 1e-5 if op == "batch_norm_train" else 2e-5
@@ -437,39 +397,40 @@ def test_auto_picks_valid_candidates_that_match_the_reference(autotune_env):
 
 
 def test_auto_caches_picks_on_disk_for_a_later_process(autotune_env):
-  _auto_workload()
+  auto_workload()
   files = list((autotune_env / "autotune").glob("*.json"))
   assert len(files) == 1
   table = json.loads(files[0].read_text())
-  assert set(table) == set(autotune._MEMO)
+  picks = autotune.cached_picks()
+  assert set(table) == set(picks)
   for key, entry in table.items():
-    assert entry["pick"] == autotune._MEMO[key]
+    assert entry["pick"] == picks[key]
     assert entry["pick"] in entry["ms"] and all(t >= 0 for t in entry["ms"].values())
   # A second process reads every pick from the file: it times nothing (`_time` would raise) and
   # logs no "ops auto:" line, which each timing writes.
   code = (f"import sys, json, logging; sys.path.insert(0, {str(TESTS)!r});"
           "logging.basicConfig(level=logging.INFO);"
-          "import test_ops; from bireal_jax.ops import autotune;"
+          "import op_cases; from bireal_jax.ops import autotune;"
           "autotune._time = lambda *a, **k: (_ for _ in ()).throw(AssertionError('timed'));"
-          "test_ops._auto_workload(); print(json.dumps(autotune._MEMO))")
+          "op_cases.auto_workload(); print(json.dumps(autotune.cached_picks()))")
   out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True,
                        text=True, timeout=300, cwd=TESTS.parent)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "ops auto:" not in out.stderr
-  assert json.loads(out.stdout.splitlines()[-1]) == autotune._MEMO
+  assert json.loads(out.stdout.splitlines()[-1]) == picks
 
 
 def test_auto_below_the_work_threshold_runs_the_reference_untimed(autotune_env, monkeypatch,
                                                                  caplog):
   monkeypatch.setenv("BIREAL_AUTOTUNE_MIN_WORK", "1e12")
-  cases = _auto_cases()
+  cases = auto_cases()
   for op, (arrays, statics, _) in cases.items():
     assert autotune.work(op, arrays, statics) < 1e12
     assert autotune.pick(op, arrays, statics) == "reference"
   with caplog.at_level(logging.INFO):
-    results = _auto_workload()
+    results = auto_workload()
   assert "ops auto:" not in caplog.text
-  assert autotune._MEMO == {} and ops.choices() == {}
+  assert autotune.cached_picks() == {} and ops.choices() == {}
   assert not (autotune_env / "autotune").exists()
   arrays, statics, g = cases["conv2d"]
   with ops.implementation("auto"):
@@ -480,7 +441,7 @@ def test_auto_below_the_work_threshold_runs_the_reference_untimed(autotune_env, 
 
 def test_auto_without_the_disk_cache_keeps_picks_in_memory(autotune_env, monkeypatch):
   monkeypatch.setenv("BIREAL_AUTOTUNE_CACHE", "0")
-  arrays, statics, _ = _auto_cases()["max_pool"]
+  arrays, statics, _ = auto_cases()["max_pool"]
   with ops.implementation("auto"):
     jax.make_jaxpr(lambda v: ops.max_pool(v, **statics))(*arrays)
   assert list(ops.choices()) == ["max_pool"]
@@ -572,3 +533,101 @@ def test_explain_says_what_auto_and_named_settings_would_run_without_timing(tmp_
   assert any(r.startswith("binary_conv2d") and "xor_jax (setting" in r
              for r in text.splitlines()), text
   assert ops.DEFAULT == "reference"
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU compiler options; the switch: `ops.implementation`
+# ------------------------------------------------------------------------------------------------
+
+def test_cpu_compiler_options_move_convolutions_off_ynnpack():
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
+  plain = jax.jit(conv).lower(x, w).compile().as_text()
+  tuned = jax.jit(conv).lower(x, w).compile(compiler_options=ops.compiler_options())
+  # Guards the option's spelling: jaxlib rejects unknown enum names, and a no-op would show here.
+  assert "__ynn_fusion" in plain
+  assert "__ynn_fusion" not in tuned.as_text()
+  assert ops.compiler_options(train=False) == {}  # eval keeps YNNPACK's faster forward convs
+
+
+def test_cpu_compiler_options_keep_gradients():
+  opts = ops.compiler_options()
+  model = models.get("bireal18", num_classes=5, base_width=8, stem="small")
+  images = _x(2, 12, 12, 3, seed=6)
+  labels = jnp.asarray([1, 4])
+  variables = jax.jit(model.init)(_key(7), images[:1])
+  fn = functools.partial(loss_and_grads, model)
+  with ops.implementation("native"):
+    tuned = jax.jit(lambda *a: fn(*a), compiler_options=opts)(variables, images, labels)
+    plain = jax.jit(lambda *a: fn(*a))(variables, images, labels)
+  _close(tuned, plain, rtol=1e-5)
+
+
+def _pool_path() -> str:
+  """Which max-pool a function traced now takes: "onednn", "sliced" or "reference"."""
+  jaxpr = str(jax.make_jaxpr(lambda v: layers.max_pool(v))(jnp.zeros((1, 6, 6, 2))))
+  if "bireal_onednn_pool_fwd" in jaxpr:
+    return "onednn"
+  return "reference" if "reduce_window_max" in jaxpr else "sliced"
+
+
+def test_implementation_switch_nests_and_restores_state():
+  native = "onednn" if onednn.available() else "sliced"
+  with ops.implementation("native"):
+    assert _pool_path() == native
+    with ops.implementation("reference"):
+      assert _pool_path() == "reference"
+      with ops.implementation({"max_pool": "sliced"}):
+        assert _pool_path() == "sliced"
+      with ops.implementation("max_pool=reference,conv2d=reference"):
+        assert _pool_path() == "reference"
+      assert _pool_path() == "reference"
+    assert _pool_path() == native
+    with pytest.raises(RuntimeError, match="inside"):  # an exception unwinds the setting too
+      with ops.implementation("reference"):
+        raise RuntimeError("inside")
+    assert _pool_path() == native
+    # Per thread: another thread sees the process default (BIREAL_OPS), not this block's.
+    with ops.implementation("reference"):
+      seen = []
+      t = threading.Thread(target=lambda: seen.append(_pool_path()))
+      t.start()
+      t.join()
+      assert _pool_path() == "reference"
+  if not os.environ.get("BIREAL_OPS"):  # the library's default: XLA's own ops
+    assert seen == ["reference"]
+    assert _pool_path() == "reference"
+
+
+@pytest.mark.parametrize("setting,bad,choices", [
+    ("fastest", "'fastest'", "native"),
+    ({"conv3d": "reference"}, "'conv3d'", "batch_norm_train"),
+    ({"conv2d": "cudnn"}, "'cudnn'", "onednn"),
+    ({"binary_conv2d": ("xor", "popcnt")}, "'popcnt'", "xor_jax"),
+    ("max_pool=sliced,conv2d=mkl", "'mkl'", "reference"),
+    ("pool=sliced", "'pool'", "max_pool"),
+])
+def test_implementation_rejects_bad_names_naming_the_choices(setting, bad, choices):
+  with pytest.raises(ValueError) as e:
+    with ops.implementation(setting):
+      pass
+  assert bad in str(e.value) and choices in str(e.value)
+
+
+def test_implementation_from_the_environment_in_a_subprocess():
+  code = ("import jax, jax.numpy as jnp; from bireal_jax import layers;"
+          "print(str(jax.make_jaxpr(layers.max_pool)(jnp.zeros((1, 6, 6, 2)))).count("
+          "'reduce_window_max'))")
+  counts = {}
+  for setting in ("reference", "max_pool=sliced"):
+    env = dict(os.environ, BIREAL_OPS=setting, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    counts[setting] = int(out.stdout.split()[-1])
+  assert counts == {"reference": 1, "max_pool=sliced": 0}
+  env = dict(os.environ, BIREAL_OPS="nope", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode != 0 and "'nope'" in out.stderr and "ValueError" in out.stderr

@@ -1,4 +1,5 @@
-"""Quantizers: forward values, surrogate gradients vs the paper's formulas, transforms, dtypes."""
+"""Quantizers: forward values, surrogate gradients vs the paper's formulas, transforms, dtypes,
+the registry and the output tags the exact binary-conv paths rely on."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -286,3 +287,27 @@ def test_latent_weight_clip_errors():
   tx = q.latent_weight_clip()
   with pytest.raises(ValueError, match="needs params"):
     tx.update(jnp.zeros(2), tx.init(jnp.zeros(2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tags the binary convolutions' exact paths rely on
+# ---------------------------------------------------------------------------------------------
+
+
+def test_quantizer_tags_name_registered_binary_quantizers():
+  # The XOR and int8 paths rely on these producing exactly ±1 / α·sign: keep them tagged.
+  for fn in (q.approx_sign, q.ste_sign, q.identity_sign):
+    assert q.output_kind(fn) == q.PM1 == "pm1"
+    name = next(n for n in q.names() if q.get(n) is fn)
+    assert name in q.BINARY_ACTIVATIONS
+  for fn in (q.magnitude_aware_sign, q.official_magnitude_sign, q.sign_weight):
+    assert q.output_kind(fn) == q.ALPHA_SIGN == "alpha_sign"
+    name = next(n for n in q.names() if q.get(n) is fn)
+    assert name in q.BINARY_WEIGHTS
+  for name in q.BINARY_ACTIVATIONS:
+    assert q.output_kind(name) == "pm1"
+  for name in q.BINARY_WEIGHTS:
+    assert q.output_kind(name) == "alpha_sign"
+  assert q.output_kind(None) == "real"
+  assert q.output_kind("hardtanh") == "real"
+  assert q.output_kind(lambda v: v) == "real"  # untagged user quantizers: real

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from bireal_jax import workdir_lock
-from test_main import cmd, env_for, saved_steps, wait_for
+from cli import cmd, env_for, saved_steps, wait_for  # tests/cli.py
 
 LOCK = workdir_lock.LOCK_FILE
 ARGS = ["--config=configs/fashion_mnist.py", "--config.dataset=synthetic",

@@ -1,15 +1,13 @@
-"""bireal_jax.storage (the path layer, passing-error classification, retries) and
-checkpoint.is_damage on real Orbax errors."""
+"""bireal_jax.storage (the path layer, passing-error classification, retries). (Damage vs passing
+errors of real Orbax restores, `checkpoint.is_damage`: test_checkpoint.py.)"""
 import errno
 import importlib.util
 import json
 import os
 
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from bireal_jax import checkpoint, storage
+from bireal_jax import storage
 
 
 def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):
@@ -89,34 +87,3 @@ def test_retry_backs_off_on_passing_errors_only():
                      match=r"restoring failed: gs://b/x could not be reached after 2 attempt"):
     storage.retry(down, what="restoring", where="gs://b/x", retries=1, first_wait_s=0.01,
                   say=said.append)
-
-
-def _orbax_error(fn):
-  try:
-    fn()
-  except Exception as e:  # noqa: BLE001 - the error is the result
-    return e
-  raise AssertionError("expected an error")
-
-
-def test_is_damage_on_real_orbax_errors_and_not_on_others(tmp_path):
-  d = tmp_path / "ck"
-  with ocp.CheckpointManager(d, item_names=("state",)) as m:
-    for step in (1, 2, 3):
-      m.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"w": np.arange(100.)})))
-    m.wait_until_finished()
-  for root, _, files in os.walk(d / "3" / "state"):  # truncated data files
-    for f in files:
-      if f not in ("_METADATA", "_CHECKPOINT_METADATA", "commit_success.txt"):
-        p = os.path.join(root, f)
-        os.truncate(p, os.path.getsize(p) // 3)
-  (d / "2" / "state" / "_METADATA").write_text("garbage{")  # unparsable metadata
-  args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item={"w": np.zeros(100)}))
-  with ocp.CheckpointManager(d, item_names=("state",)) as m:
-    for step in (3, 2):
-      e = _orbax_error(lambda: m.restore(step, args=args))
-      assert checkpoint.is_damage(e), (step, type(e), e)
-    m.restore(1, args=args)
-  assert not checkpoint.is_damage(MemoryError())
-  assert not checkpoint.is_damage(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
-  assert not checkpoint.is_damage(ValueError("UNAVAILABLE: NOT_FOUND-looking text"))

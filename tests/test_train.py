@@ -1,96 +1,22 @@
-"""Training step, optimizer and schedule tests (in-process, 8 virtual CPU devices).
+"""Training step and loop tests (in-process, 8 virtual CPU devices): 8 devices against 1, gradient
+accumulation, BN re-estimation, the loop on synthetic data, bfloat16 compute. (The optimizer and
+schedules: test_optim.py; the device mapping itself: test_mapping.py.)
 
 Models are Bi-Real-18 blocks with one block in each of two stages, width 4, on 8 px images:
 the real code path, compiled in seconds. Compiled programs go to a persistent XLA cache so
 tests (and test processes) that run the same program compile it once.
 """
-import functools
 import json
 import math
-import os
-import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from bireal_jax import config as config_lib
-from bireal_jax import models, optim, train
-
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), f"bireal_jax_test_xla_cache_{os.getuid()}"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-NDEV = jax.device_count()
-needs_8 = pytest.mark.skipif(NDEV < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_"
-                             "device_count=8 (set by `make test`)")
-
-
-def tiny_config(**kw):
-  c = config_lib.get_default_config()
-  c.dataset = "synthetic"
-  c.image_size = 8
-  c.model = "bireal18"
-  c.stage_sizes = (1, 1)
-  c.base_width = 4
-  c.stem = "small"
-  c.batch_size = 32
-  c.eval_batch_size = 40
-  c.num_train_steps = 24
-  c.learning_rate = 1e-2
-  c.lr_schedule = "cosine"
-  c.label_smoothing = 0.1
-  c.progress_bar = False
-  c.tensorboard = False
-  c.export_inference = False
-  for k, v in kw.items():
-    c[k] = v
-  config_lib.validate(c)
-  return c
-
-
-def synthetic_batches(config, n, start=0):
-  it = train.SyntheticData.create_train_iter(config, batch_size=config.batch_size, seed=0,
-                                             start_step=start, process_index=0, process_count=1)
-  return [next(it) for _ in range(n)]
-
-
-def lr_fn_of(config):
-  spe, total = optim.total_train_steps(config, train.SyntheticData.NUM_TRAIN)
-  return optim.create_learning_rate_fn(config, spe, total)
-
-
-def new_state(config):
-  return train.create_train_state(config, train.create_model(config, 10),
-                                  (config.image_size,) * 2 + (3,), lr_fn_of(config))
-
-
-def run_steps(config, mapping, batches, state=None, **step_kw):
-  """Train `batches` through `mapping` with the loop's own step; (host state, [losses])."""
-  lr_fn = lr_fn_of(config)
-  state = state or new_state(config)
-  step = mapping.map(functools.partial(train.train_step, learning_rate_fn=lr_fn,
-                                       label_smoothing=config.label_smoothing,
-                                       grad_accum_steps=config.grad_accum_steps, **step_kw),
-                     batched=(False, True), donate=(0,))
-  pstate = mapping.put_replicated(state)
-  losses = []
-  for b in batches:
-    pstate, m = step(pstate, mapping.put_batch(b, config.grad_accum_steps))
-    losses.append(float(mapping.to_host(m)["loss"]))
-  return mapping.to_host(pstate), losses
-
-
-def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):
-  la, ta = jax.tree_util.tree_flatten_with_path(a)
-  lb, tb = jax.tree_util.tree_flatten_with_path(b)
-  assert ta == tb
-  for (path, x), (_, y) in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
-
+from bireal_jax import train
+from numerics import assert_trees_close  # tests/numerics.py
+from tiny_training import (needs_8, new_state, run_steps,  # tests/tiny_training.py
+                           synthetic_batches, tiny_config)
 
 # ---------------------------------------------------------------------------------------------
 # (a) 8 devices vs 1 device on the same global batch
@@ -164,83 +90,6 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer pieces
-# ---------------------------------------------------------------------------------------------
-
-
-def test_linear_epoch_schedule_is_the_official_stepwise_decay():
-  c = tiny_config(learning_rate=1e-3, lr_schedule="linear_epoch", num_epochs=4.0)
-  fn = optim.create_learning_rate_fn(c, steps_per_epoch=10, total_steps=40)
-  got = [float(fn(s)) for s in (0, 9, 10, 19, 20, 39)]
-  np.testing.assert_allclose(got, [1e-3, 1e-3, 7.5e-4, 7.5e-4, 5e-4, 2.5e-4], rtol=1e-6)
-
-
-def test_piecewise_cosine_and_warmup_schedules():
-  c = tiny_config(learning_rate=0.01, lr_schedule="piecewise", lr_boundaries=(10.0, 15.0),
-                  lr_decay_factor=0.1)
-  fn = optim.create_learning_rate_fn(c, steps_per_epoch=5, total_steps=100)
-  np.testing.assert_allclose([float(fn(s)) for s in (49, 50, 74, 75)],
-                             [0.01, 0.001, 0.001, 0.0001], rtol=1e-5)
-  c = tiny_config(learning_rate=0.1, lr_schedule="cosine", warmup_epochs=1.0)
-  fn = optim.create_learning_rate_fn(c, steps_per_epoch=10, total_steps=110)
-  np.testing.assert_allclose([float(fn(s)) for s in (0, 5, 10, 60, 110)],
-                             [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7)
-
-
-def _paths(mask):
-  return sorted("/".join(p) for p, v in
-                __import__("flax").traverse_util.flatten_dict(mask).items() if v)
-
-
-def test_binary_kernel_mask_selects_only_binarised_kernels():
-  model = models.get("bireal18", stage_sizes=(1, 1, 1, 1), base_width=4, stem="small",
-                     num_classes=10)
-  params = train.initialized(train.init_key(0), (8, 8, 3), model)["params"]
-  assert _paths(optim.binary_kernel_mask(model, params, (8, 8, 3))) == [
-      f"layer{i}_0/binary_conv/kernel" for i in range(1, 5)]
-  kernels = _paths(optim.kernel_mask(params))
-  assert "conv1/kernel" in kernels and "fc/kernel" in kernels
-  assert "layer2_0/downsample/conv/kernel" in kernels
-  assert not any("bn" in k or k.endswith("bias") for k in kernels)
-  # The real twin has the same tree and no binary kernel.
-  real = models.get("bireal18_real", stage_sizes=(1, 1, 1, 1), base_width=4, stem="small",
-                    num_classes=10)
-  assert _paths(optim.binary_kernel_mask(real, params, (8, 8, 3))) == []
-  # Bi-Real-50: the first block's real 1×1 conv is not binary, every other conv1/2/3 is.
-  m50 = models.get("bireal50", stage_sizes=(2, 1, 1, 1), base_width=4, stem="small",
-                   num_classes=10)
-  p50 = train.initialized(train.init_key(0), (8, 8, 3), m50)["params"]
-  got = _paths(optim.binary_kernel_mask(m50, p50, (8, 8, 3)))
-  assert "layers_0/conv1/kernel" not in got
-  assert {"layers_0/conv2/kernel", "layers_0/conv3/kernel", "layers_1/conv1/kernel"} <= set(got)
-  assert not any("down" in k for k in got)
-
-
-def test_latent_weight_clip_and_weight_decay_masks_in_the_optimizer():
-  c = tiny_config(optimizer="sgd", momentum=0.0, learning_rate=50.0, lr_schedule="constant",
-                  latent_weight_clip=0.5, weight_decay=1e-2)
-  one = train.Mapping("pmap", devices=jax.devices()[:1])
-  state, _ = run_steps(c, one, synthetic_batches(c, 1))
-  model = train.create_model(c, 10)
-  bmask = optim.binary_kernel_mask(model, state.params, (8, 8, 3))
-  clipped = [np.max(np.abs(np.asarray(p))) for p, m in
-             zip(jax.tree.leaves(state.params), jax.tree.leaves(bmask)) if m]
-  others = [np.max(np.abs(np.asarray(p))) for p, m in
-            zip(jax.tree.leaves(state.params), jax.tree.leaves(bmask)) if not m]
-  assert len(clipped) == 2 and max(clipped) <= 0.5 + 1e-6
-  assert max(others) > 0.5  # lr 50 throws the real weights far: only binary ones were clipped
-  # Weight decay touches kernels only: with zero gradient a BN scale stays exactly 1.
-  params = {"bn1": {"scale": jnp.ones(3)}, "conv1": {"kernel": jnp.ones((1, 1, 3, 3))}}
-  tx = optim.create_optimizer(tiny_config(optimizer="sgd", momentum=0.0, learning_rate=1.0,
-                                          lr_schedule="constant", weight_decay=0.5),
-                              optax.constant_schedule(1.0), model, params, (8, 8, 3))
-  upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-  new = optax.apply_updates(params, upd)
-  np.testing.assert_allclose(new["bn1"]["scale"], 1.0)
-  np.testing.assert_allclose(new["conv1"]["kernel"], 0.5)
-
-
-# ---------------------------------------------------------------------------------------------
 # BN re-estimation and the loop on synthetic data
 # ---------------------------------------------------------------------------------------------
 
@@ -305,28 +154,3 @@ def test_bfloat16_compute_trains_with_float32_parameters():
   f32, l32 = run_steps(tiny_config(), train.Mapping("pmap", devices=jax.devices()[:1]),
                        synthetic_batches(c, 1))
   assert abs(losses[0] - l32[0]) < 0.05  # same model and data, bf16 rounding only
-
-
-@needs_8
-@pytest.mark.parametrize("kind", ["pmap", "shard_map"])
-def test_train_step_with_cpu_compiler_options_matches_and_keeps_one_executable(kind):
-  """The loop compiles its train step with `ops.compiler_options()` (AOT for pmap)."""
-  from bireal_jax import ops
-  config = tiny_config()
-  batches = synthetic_batches(config, 3)
-  mapping = train.Mapping(kind)
-  step = mapping.map(functools.partial(train.train_step, learning_rate_fn=lr_fn_of(config),
-                                       label_smoothing=config.label_smoothing,
-                                       grad_accum_steps=1),
-                     batched=(False, True), donate=(0,),
-                     compiler_options=ops.compiler_options())
-  pstate = mapping.put_replicated(new_state(config))
-  losses = []
-  for b in batches:
-    pstate, m = step(pstate, mapping.put_batch(b))
-    losses.append(float(mapping.to_host(m)["loss"]))
-  if kind == "pmap":
-    assert len(step._cache) == 1  # the step's outputs feed the next call without recompiling
-  ref, ref_losses = run_steps(config, train.Mapping(kind), batches)
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
-  assert_trees_close(mapping.to_host(pstate).params, ref.params)

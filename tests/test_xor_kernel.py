@@ -3,7 +3,9 @@ call) built three ways, each loaded here under its own FFI target: `-march=nativ
 VPOPCNTDQ where the CPU has it), `-march=x86-64-v3` (the AVX2 path) and `-march=x86-64` (the
 scalar fallback). Each must equal XLA's f32 convolution of the same operands bit for bit (α a
 multiple of 1/8 makes every partial sum exact), and for any α the exact integer sums times α
-(so the builds agree), as its pure-JAX twin `ops.bits.xor_popcount_conv` computes them."""
+(so the builds agree), as its pure-JAX twin `ops.bits.xor_popcount_conv` computes them. And the
+package's own build (`ops.cpu.xor.xor_conv`): against the f32 conv and the pure-JAX kernel
+bit for bit, its custom call, its input checks."""
 import ctypes
 import os
 import platform
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bireal_jax.ops.cpu import xor
+from bireal_jax.ops.cpu import binconv, xor
 
 SOURCE = Path(__file__).resolve().parents[1] / "bireal_jax" / "ops" / "cpu" / "csrc" / "xor_conv.cc"
 BUILDS = {"native": "native", "avx2": "x86-64-v3", "scalar": "x86-64"}
@@ -165,3 +167,62 @@ def test_the_avx2_build_selects_the_avx2_path():
   v3, base = macros("x86-64-v3"), macros("x86-64")
   assert "__AVX2__" in v3 and "__AVX512F__" not in v3
   assert "__AVX2__" not in base
+
+
+# ---------------------------------------------------------------------------------------------
+# The package's own build (`bireal_jax.ops.cpu.xor`, what `ops.binary_conv2d` calls)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rand(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def _ref(x, k, strides, pads):
+  return lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _assert_close(a, b, rtol=1e-5):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape
+  np.testing.assert_allclose(a, b, rtol=0, atol=rtol * max(1.0, np.abs(b).max()))
+
+
+XOR_CONVS = [  # (x shape, kernel shape, stride, pad): channels off and on word/vector sizes
+    ((2, 9, 8, 3), (3, 3, 3, 5), 1, 1),
+    ((2, 16, 16, 64), (3, 3, 64, 64), 1, 1),
+    ((2, 15, 15, 40), (3, 3, 40, 70), 2, 1),
+    ((1, 7, 7, 128), (3, 3, 128, 128), 1, 1),
+    ((2, 6, 5, 33), (3, 3, 33, 7), 1, 0),
+    ((2, 8, 8, 4), (1, 1, 4, 8), 2, 0),
+]
+
+
+needs_xor = pytest.mark.skipif(jax.default_backend() == "cpu" and not xor.available(),
+                               reason="the C++ XOR kernel is not built here (needs g++)")
+
+
+@needs_xor
+@pytest.mark.parametrize("x_shape,k_shape,stride,pad", XOR_CONVS)
+def test_xor_conv_equals_the_f32_conv_and_the_jax_xor_kernel(x_shape, k_shape, stride, pad):
+  from bireal_jax import quantizers
+  xq = jnp.where(_rand(x_shape, 5) >= 0, 1.0, -1.0)
+  wq = quantizers.magnitude_aware_sign(_rand(k_shape, 6))
+  strides, pads = (stride, stride), ((pad, pad), (pad, pad))
+  kernel = jax.jit(lambda a, b: xor.xor_conv(a, b, stride, pad))
+  # Exact integers times α: the f32 convolution of the same operands agrees to its rounding.
+  _assert_close(kernel(xq, wq), _ref(xq, wq, strides, pads))
+  # Bit for bit the pure-JAX kernel, also for ±0 entries (bit 0, i.e. +1, in both).
+  wq = wq.at[0, 0, 0].set(0.0 * wq[0, 0, 0])
+  np.testing.assert_array_equal(kernel(xq, wq), binconv.xor_jax(xq, wq, strides, pads))
+
+
+@needs_xor
+def test_xor_conv_lowers_to_its_custom_call_and_rejects_bad_input():
+  xq, wq = jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
+  assert "bireal_xor_conv_fwd" in jax.jit(
+      lambda a, b: xor.xor_conv(a, b, 1, 1)).lower(xq, wq).as_text()
+  with pytest.raises(ValueError, match="matching channels"):
+    xor.xor_conv(xq, jnp.ones((3, 3, 2, 4)), 1, 1)
+  with pytest.raises(ValueError, match="does not fit"):
+    xor.xor_conv(xq, jnp.ones((7, 7, 3, 4)), 1, 0)

@@ -195,13 +195,15 @@ def _untimed(op, arrays, statics, names) -> str | None:
   return None
 
 
-def _timed_here(op, names, train: bool) -> list:
+def timed_candidates(op: str, names, train: bool) -> list:
+  """Those of the candidates `names` that `auto` times in training (forward + backward) or in
+  inference (forward): e.g. the conv2d input-gradient forms are timed in training only."""
   mode = "train" if train else "eval"
   return [n for n in names if mode in _ops.CANDIDATES[op][n].timed]
 
 
 def _pick(op, arrays, statics, train: bool) -> str:
-  names = _timed_here(op, _ops.applicable(op, arrays, statics), train)
+  names = timed_candidates(op, _ops.applicable(op, arrays, statics), train)
   untimed = _untimed(op, arrays, statics, names)
   if untimed is not None:
     return untimed
@@ -275,6 +277,21 @@ def choices() -> dict:
     out.setdefault(op, {})[f"{mode} {' '.join('x'.join(map(str, s)) for s, _ in shapes)} "
                            f"{stat}"] = name
   return out
+
+
+def cached_picks() -> dict:
+  """{key: pick} of the picks made (or read from the disk cache) in this process, keyed as in the
+  disk cache's JSON file: `json.dumps([op, [[shape, dtype], ...], statics, "train"|"eval"])`."""
+  with _LOCK:
+    return dict(_MEMO)
+
+
+def clear_cache() -> None:
+  """Forget this process's picks and the disk cache tables read so far (the files stay): the next
+  `auto` call reads the disk cache again, or times."""
+  with _LOCK:
+    _MEMO.clear()
+    _DISK.clear()
 
 
 def summary() -> dict:

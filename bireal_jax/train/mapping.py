@@ -124,8 +124,14 @@ class _CompiledWith:
       self._cache[key] = self._mapped.lower(*args).compile(compiler_options=self._options)
     return self._cache[key](*args)
 
+  def cache_size(self) -> int:
+    """How many executables were compiled so far: one per distinct argument signature."""
+    return len(self._cache)
+
 
 def local_value(x):
+  """`x` as a numpy value: this process's first shard of an array that spans several processes
+  (a replicated global array holds the whole value there), else the whole array."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(x.addressable_data(0))
   return np.asarray(x)

@@ -44,7 +44,9 @@ def _root_flags() -> list[str]:
   return [f"-I{Path(root) / 'include'}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
 
 
-def _unavailable_reason() -> str | None:
+def unavailable_reason() -> str | None:
+  """Why the oneDNN custom calls cannot be built here (disabled, no headers, no compiler), or
+  None when nothing stands in the way (the build itself may still fail: `available`)."""
   if os.environ.get("BIREAL_ONEDNN", "1") == "0":
     return "disabled by BIREAL_ONEDNN=0"
   dirs = _HEADER_DIRS
@@ -60,7 +62,7 @@ def _unavailable_reason() -> str | None:
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
   """True when the oneDNN custom calls are built and registered for the CPU platform."""
-  reason = _unavailable_reason()
+  reason = unavailable_reason()
   if reason is None:
     try:
       build.load("onednn_ops", _SOURCES, _TARGETS, [*_root_flags(), "-ldnnl"])
