@@ -1,6 +1,7 @@
 """bireal_jax.config: `validate` refuses an impossible value with a message that names the key,
 the value and what was expected; the device checks; `model_overrides`; `from_file` beside
-another file. (The command line's config handling and the shipped recipes: test_main.py.)"""
+another file; every model field a config key; the shipped recipes. (The command line's config
+handling: test_main.py.)"""
 import math
 import os
 
@@ -107,3 +108,101 @@ def test_from_file_resolves_a_path_beside_another_file():
   with pytest.raises(config_lib.ConfigError, match="nope.py.*not found: expected a Python "
                      "file with get_config"):
     config_lib.from_file("nope.py", relative_to=beside)
+
+
+def test_every_model_field_is_a_config_key_that_reaches_the_model():
+  """The model keys are BiRealNet's fields: each one set in the config arrives in the model."""
+  import dataclasses
+  from bireal_jax import train
+  from bireal_jax.models.bireal import BiRealNet
+  c = config_lib.get_default_config()
+  fields = {f.name for f in dataclasses.fields(BiRealNet)} - {
+      "num_classes", "axis_name", "param_dtype", "parent", "name", "block"}
+  assert fields <= set(c.keys())
+  with c.unlocked():
+    c.padding, c.stem, c.base_width, c.stage_sizes = "same", "small", 8, (1, 1)
+    c.kernel_quantizer, c.bn_epsilon = "none", 1e-3
+  config_lib.validate(c)
+  model = train.create_model(c, num_classes=10)
+  assert (model.padding, model.stem, model.base_width, model.stage_sizes) == (
+      "same", "small", 8, (1, 1))
+  assert model.kernel_quantizer is None and model.bn_epsilon == 1e-3
+  with c.unlocked():
+    c.padding = "valid"
+  with pytest.raises(config_lib.ConfigError, match=r"config.padding='valid' is invalid"):
+    config_lib.validate(c)
+
+
+def test_validate_names_key_value_and_expectation():
+  cases = [("batch_size", 0, "config.batch_size=0 is invalid: expected a positive integer"),
+           ("model", "bireal19", "config.model='bireal19' is invalid: expected one of"),
+           ("optimizer", "adamax", "expected one of ['adam', 'adamw', 'sgd']"),
+           ("kernel_quantizer", "ternary", "config.kernel_quantizer='ternary'"),
+           ("activation", "tanh", "config.activation='tanh'"),
+           ("mapping", "xmap", "expected one of ['pmap', 'shard_map']"),
+           ("dtype", "float16", "expected one of ['float32', 'bfloat16']"),
+           ("lr_schedule", "step", "config.lr_schedule='step'"),
+           ("label_smoothing", 1.5, "a value in [0, 1)"),
+           ("grad_accum_steps", 3, "config.batch_size=512 is invalid: expected a multiple of "
+            "grad_accum_steps=3"),
+           ("dataset", "cifar10", "config.dataset='cifar10'"),
+           ("stage_sizes", (4, 0), "config.stage_sizes=(4, 0)"),
+           ("bad_images", "ignore",
+            "config.bad_images='ignore' is invalid: expected one of ['skip', 'error']")]
+  for key, value, expected in cases:
+    c = config_lib.get_default_config()
+    c[key] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.validate(c)
+    assert expected in str(e.value), (key, str(e.value))
+  c = config_lib.get_default_config()
+  config_lib.validate(c, device_count=8)  # the default recipe itself is valid
+  with pytest.raises(config_lib.ConfigError, match="device_count × grad_accum_steps = 8 × 3"):
+    c.batch_size, c.grad_accum_steps = 36, 3
+    config_lib.validate(c, device_count=8)
+  with pytest.raises(AttributeError):  # locked like the CLI's config: no new keys
+    c.lock()
+    c.learning_rate_typo = 1.0
+
+
+def load_config_file(name):
+  return config_lib.from_file(os.path.join(REPO, "configs", name + ".py"))
+
+
+def test_config_files_validate_and_match_the_published_recipes():
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+  assert {"fashion_mnist", "fashion_mnist_real", "fashion_mnist_long", "fashion_mnist_kd",
+          "imagenet_bireal18",
+          "imagenet_bireal34", "imagenet_bireal50", "imagenet_bireal18_real_clip",
+          "imagenet_bireal18_twostep"} <= set(names)
+  configs = {n: load_config_file(n) for n in names}
+  for c in configs.values():
+    config_lib.validate(c, device_count=8)
+  official = dict(optimizer="adam", lr_schedule="linear_epoch", num_epochs=256.0,
+                  weight_decay=0.0, label_smoothing=0.1, image_size=224)
+  for name, model, lr, batch in [("imagenet_bireal18", "bireal18", 1e-3, 512),
+                                 ("imagenet_bireal34", "bireal34", 1e-3, 512),
+                                 ("imagenet_bireal50", "bireal50", 5e-4, 256)]:
+    c = configs[name]
+    assert (c.model, c.learning_rate, c.batch_size) == (model, lr, batch)
+    assert {k: c[k] for k in official} == official
+  two = configs["imagenet_bireal18_twostep"]
+  assert (two.optimizer, two.momentum, two.learning_rate, two.batch_size, two.num_epochs,
+          tuple(two.lr_boundaries), two.lr_decay_factor, two.weight_decay) == \
+      ("sgd", 0.9, 0.01, 128, 20.0, (10.0, 15.0), 0.1, 0.0)
+  assert two.bn_reestimate_steps > 0 and configs["imagenet_bireal18_real_clip"].model == \
+      "bireal18_real"
+  demo, real = configs["fashion_mnist"], configs["fashion_mnist_real"]
+  assert real.model == "bireal18_real" and demo.model == "bireal18"
+  assert {k: v for k, v in real.items() if k != "model"} == \
+      {k: v for k, v in demo.items() if k != "model"}  # twins: same tree, same recipe
+  kd = configs["fashion_mnist_kd"]  # the demo student, initialised and taught by the twin
+  taught = ("init_from", "distill_from", "distill_weight", "distill_temperature")
+  assert kd.init_from == kd.distill_from == "runs/fm_real" and kd.distill_weight > 0
+  assert {k: v for k, v in kd.items() if k not in taught} == \
+      {k: v for k, v in demo.items() if k not in taught}
+
+
+def test_config_from_file_names_a_missing_file(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="nope.py.*get_config"):
+    config_lib.from_file(str(tmp_path / "nope.py"))
