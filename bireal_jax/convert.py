@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pickle
 import re
@@ -72,7 +71,7 @@ def _check_name(model: Optional[str]) -> Optional[str]:
   return model
 
 
-def _template(name: str, in_channels: int = 3, **overrides: Any) -> dict:
+def variable_shapes(name: str, in_channels: int = 3, **overrides: Any) -> dict:
   """Flat {(collection, *path): shape} of `models.get(name, **overrides)`, without computing."""
   net = models.get(name, **overrides)
   shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 64, 64, in_channels)))
@@ -129,7 +128,7 @@ def n_params(variables: Mapping) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _torch_key(path: tuple, block: str) -> str:
+def official_key(path: tuple, block: str) -> str:
   """Official state-dict key of one of our variables, e.g.
   ('params', 'layer2_0', 'downsample', 'conv', 'kernel') -> 'layer2.0.downsample.1.weight'."""
   coll, *mods, leaf = path
@@ -241,8 +240,8 @@ def from_pytorch(state_dict: Any, model: Optional[str] = None) -> Converted:
   overrides: dict = {"num_classes": int(fc.shape[0])}
   if conv1.shape[0] != 64:
     overrides["base_width"] = int(conv1.shape[0])
-  template = _template(name, int(conv1.shape[1]), **overrides)
-  expected = {_torch_key(p, block): (p, shape) for p, shape in template.items()}
+  template = variable_shapes(name, int(conv1.shape[1]), **overrides)
+  expected = {official_key(p, block): (p, shape) for p, shape in template.items()}
 
   ignorable = set(_UNUSED_TORCH_KEYS if block == "bottleneck" else ())
   ignorable |= {k[:-len("running_mean")] + "num_batches_tracked"
@@ -390,7 +389,7 @@ def from_larq_layers(layers: list, model: Optional[str] = None) -> Converted:
                    bn_epsilon=LARQ_BN_EPSILON, bn_momentum=LARQ_BN_MOMENTUM)
   if conv1 is not None and conv1.ndim == 4 and conv1.shape[3] != 64:
     overrides["base_width"] = int(conv1.shape[3])
-  template = _template(model, in_ch, **overrides)
+  template = variable_shapes(model, in_ch, **overrides)
   order = _larq_order(template, model)
   if len(layers) != len(order):
     raise ConversionError(f"the .h5 has {len(layers)} layers with weights, {model} needs "

@@ -211,7 +211,9 @@ def stale_reason(holder: dict, mtime: float, stale_after_s: float,
   return None
 
 
-def _new_holder(job: str) -> dict:
+def holder_record(job: str = "") -> dict:
+  """This process's lock record: host, pid, start, job, boot id, pid namespace, the pid's start
+  time (together they tell a dead or reused pid on this host) and a fresh token."""
   return {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
           "job": job, "boot_id": _boot_id(), "pid_ns": _pid_namespace(),
           "pid_start": _process_start(os.getpid()), "token": uuid.uuid4().hex}
@@ -243,7 +245,7 @@ def acquire(workdir: str, *, job: str = "", stale_after_s: float = STALE_AFTER_S
   except OSError as e:
     raise WorkdirLockError(f"cannot create workdir {workdir!r} ({e.strerror}): expected a "
                            f"writable directory") from e
-  holder = _new_holder(job)
+  holder = holder_record(job)
   for _ in range(20):
     try:
       fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -358,7 +360,7 @@ class ObjectLock:
       blob = _gcs_client().bucket(bucket).blob(name)
     except storage.MissingBackend as e:
       raise WorkdirLockError(str(e)) from e
-    holder = _new_holder(job)
+    holder = holder_record(job)
     data = json.dumps(holder, indent=1)
     for _ in range(20):
       try:

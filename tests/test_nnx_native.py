@@ -239,7 +239,7 @@ def _torch_state_dict(name, **overrides):
   block = convert.ARCHS[name][0]
   rng = np.random.default_rng(0)
   sd = {}
-  for path, shape in convert._template(name, **overrides).items():
+  for path, shape in convert.variable_shapes(name, **overrides).items():
     if len(shape) == 4:
       shape = (shape[3], shape[2], shape[0], shape[1])  # HWIO -> OIHW
     elif len(shape) == 2:
@@ -247,7 +247,7 @@ def _torch_state_dict(name, **overrides):
     a = rng.standard_normal(shape).astype(np.float32)
     if path[-1] == "var":
       a = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-    sd[convert._torch_key(path, block)] = a
+    sd[convert.official_key(path, block)] = a
   return sd
 
 

@@ -18,7 +18,6 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 from bireal_jax import workdir_lock
 from cli import cmd, env_for, saved_steps, wait_for  # tests/cli.py
@@ -285,9 +284,7 @@ def test_sigkill_during_async_save_resumes_from_the_last_complete_checkpoint(tmp
 
 
 def _own_record(**kw):
-  return {"host": socket.gethostname(), "boot_id": workdir_lock._boot_id(),
-          "pid_ns": workdir_lock._pid_namespace(), "pid": os.getpid(),
-          "pid_start": workdir_lock._process_start(os.getpid()), **kw}
+  return {**workdir_lock.holder_record(), **kw}
 
 
 def test_stale_rules_dead_pid_reused_pid_and_old_heartbeat():
