@@ -54,6 +54,19 @@ def isa_cap() -> str | None:
   return "AVX2" if caps & {"AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX", "SSE41", "SSE4_2"} else None
 
 
+def has_amx() -> bool:
+  """Whether the CPU has AMX with bf16 tiles (`amx_bf16` in /proc/cpuinfo's flags, Intel Sapphire
+  Rapids and later) and the run does not cap the ISA below it. `BIREAL_AMX=1` or `0` overrides
+  the answer (tests; or to keep `auto` from timing the AMX candidates). `auto` offers the
+  bf16 oneDNN binary convolutions only where this is true (`ops.CANDIDATES[...].offered`)."""
+  forced = os.environ.get("BIREAL_AMX", "").strip()
+  if forced in ("0", "1"):
+    return forced == "1"
+  if forced:
+    raise ValueError(f"BIREAL_AMX={forced!r}: expected '1', '0' or unset")
+  return "amx_bf16" in cpu_flags() and isa_cap() is None
+
+
 def isa() -> str:
   """What the kernels may use here, in words: 'AVX-512 (VPOPCNTDQ)', 'AVX-512', 'AVX2', ..."""
   flags = cpu_flags()
