@@ -75,7 +75,7 @@ def _machine() -> str:
   """Everything a pick depends on besides the op: CPU, threads, ISA cap, versions, sources
   (read once per process: these do not change while it runs)."""
   from bireal_jax.ops.cpu import build
-  sources = b"".join(p.read_bytes() for p in sorted(build.CSRC.glob("*.cc")))
+  sources = b"".join(p.read_bytes() for p in sorted(build.CSRC.glob("*.cc")) + build.headers())
   here = Path(__file__).parent
   py = b"".join(p.read_bytes() for p in sorted(here.glob("**/*.py")))
   try:

@@ -28,10 +28,13 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "ffi_threads.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using bireal::ParallelFor;
 
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
 #define BIREAL_PACKED_AVX512 1
@@ -50,36 +53,6 @@ inline uint32_t PackWord(const float* v, int64_t count) {
   uint32_t word = 0;
   for (int64_t k = 0; k < count; ++k) word |= static_cast<uint32_t>(!(v[k] >= 0.0f)) << k;
   return word;
-}
-
-// Runs body(i) for i in [0, n): the caller and up to `pool.num_threads()` pool tasks take
-// indices from a shared counter; returns when all are done. Tasks that start late find the
-// counter exhausted and return without touching anything but the shared state.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, F&& body) {
-  if (n <= 0) return;
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  // The caller is one of the workers: num_threads − 1 helpers keep one thread per core.
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads() - 1), n - 1);
-  // The body is only ever called for an index below n, i.e. while the caller still waits.
-  auto* fn = &body;
-  auto work = [state, n, fn] {
-    for (int64_t i; (i = state->next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      (*fn)(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  while (state->done.load(std::memory_order_acquire) < n) {
-#if defined(__x86_64__)
-    _mm_pause();
-#endif
-    std::this_thread::yield();
-  }
 }
 
 struct Geometry {
