@@ -257,8 +257,7 @@ def test_missing_openvino_is_a_clear_error(tmp_path):
       sys.modules["openvino"] = None  # as if not installed: `import openvino` raises
       import numpy as np
       import bireal_jax, bireal_jax.deploy
-      from bireal_jax import deploy, models, pretrained
-from bireal_jax.idx_files import FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, read_fashion_mnist
+      from bireal_jax import deploy, models
       assert sys.modules["openvino"] is None
       errors = []
       try:
