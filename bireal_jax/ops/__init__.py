@@ -30,10 +30,11 @@ lambda) under each setting you compare.
 `auto` times the candidates that apply on first use of each (op, shapes, dtype, options), on this
 CPU, as cuDNN's benchmark mode does, and caches the pick in memory and on disk beside the
 compiled libraries (`autotune.py`). Candidates a CPU cannot run fast are not offered to it: the
-bf16 binary convs (`onednn_bf16`) only where `cpu.build.has_amx()`; a setting may still name them. In training it times forward + backward, in inference the
-forward alone. The binary convolution's backward is always the float convolution's transpose
-(`conv2d`, itself chosen), and its forward is the same in training and inference, so a train-mode
-and an eval-mode forward agree bit for bit.
+bf16 binary convs (`onednn_bf16`) only where `cpu.build.has_amx()`; a setting may still name
+them. In training it times forward + backward, in inference the forward alone. The binary
+convolution's backward is always the float convolution's transpose (`conv2d`, itself chosen), and
+its forward is the same in training and inference, so a train-mode and an eval-mode forward
+agree bit for bit.
 """
 from __future__ import annotations
 
