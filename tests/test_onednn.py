@@ -1,6 +1,7 @@
 """oneDNN convolutions (jax.ffi custom calls, CPU only) against `lax.conv_general_dilated`:
 values, input and kernel gradients, under jit/pmap/vmap, and how the layers choose them. (The
 C++ XOR binary-conv forward, `bireal_jax.ops.cpu.xor`: test_xor_kernel.py.)"""
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bireal_jax import layers, models, ops
-from bireal_jax.ops.cpu import onednn
+from bireal_jax import deploy, layers, models, ops
+from bireal_jax.ops import autotune
+from bireal_jax.ops import bits as bitops
+from bireal_jax.ops.cpu import build, onednn, xor
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN convolutions are CPU-only"),
@@ -201,3 +204,131 @@ def test_disabled_by_environment_falls_back_with_a_message():
   assert lines[0].split() == ["False", "False", "0"]
   assert lines[1].startswith("ValueError:") and "'onednn' is not available" in lines[1]
   assert "disabled by BIREAL_ONEDNN=0" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 binary convolutions (the AMX candidates, issue 24 item 3): exact for ±1, offered to `auto`
+# only where the CPU has AMX, runnable by name everywhere oneDNN is built
+# ------------------------------------------------------------------------------------------------
+
+def test_has_amx_reads_the_cpu_flags_and_the_override(monkeypatch):
+  monkeypatch.delenv("BIREAL_AMX", raising=False)
+  assert build.has_amx() == ("amx_bf16" in build.cpu_flags() and build.isa_cap() is None)
+  monkeypatch.setenv("BIREAL_AMX", "1")
+  assert build.has_amx()
+  monkeypatch.setenv("BIREAL_AMX", "0")
+  assert not build.has_amx()
+  monkeypatch.setenv("BIREAL_AMX", "yes")
+  with pytest.raises(ValueError, match=r"BIREAL_AMX='yes': expected '1', '0' or unset"):
+    build.has_amx()
+
+
+def _pm1(shape, seed):
+  return jnp.asarray(np.where(np.random.default_rng(seed).standard_normal(shape) >= 0, 1.0, -1.0),
+                     jnp.float32)
+
+
+def test_packed_bf16_conv_is_exact_and_its_kernel_cache_follows_the_bits():
+  """D for ±1 activations equals XLA's XOR + popcount D, at the borders too, for channels not a
+  multiple of 32; a second kernel of the same geometry, the first again, and the first with one
+  bit flipped each give their own D (the C++ side keeps reordered kernels keyed by the bits)."""
+  x = _rand((2, 9, 8, 40), 0)
+  x = x.at[:, ::3, ::2, ::5].set(0.0)  # sign(0) = +1
+  f = jax.jit(lambda a, b: onednn.packed_conv2d_bf16(
+      jnp.where(a >= 0, 1.0, -1.0).astype(jnp.bfloat16), b, 1, 1))
+  a = bitops.pack_kernel(_rand((3, 3, 40, 33), 1))
+  b = bitops.pack_kernel(_rand((3, 3, 40, 33), 2))
+  a_flipped = a.at[1, 2, 1, 7].set(a[1, 2, 1, 7] ^ jnp.uint32(1 << 3))
+  for bits in (a, b, a, a_flipped):
+    np.testing.assert_array_equal(np.asarray(f(x, bits)),
+                                  np.asarray(bitops.xor_popcount_conv(x, bits, 1, 1)))
+  with pytest.raises(TypeError, match="bfloat16 activations and uint32 bits, got float32"):
+    onednn.packed_conv2d_bf16(x, a, 1, 1)
+  with pytest.raises(ValueError, match=r"bits \[kh, kw, ceil\(C/32\), O\], got \(2, 9, 8, 40\)"):
+    onednn.packed_conv2d_bf16(x.astype(jnp.bfloat16), a[:, :, :1], 1, 1)
+
+
+def test_bf16_conv_of_pm1_operands_is_exact():
+  x, k = _pm1((2, 9, 7, 40), 0), _pm1((3, 3, 40, 33), 1)
+  for strides, pads in [((1, 1), ((1, 1), (1, 1))), ((2, 1), ((0, 1), (2, 0)))]:
+    got = jax.jit(lambda a, b: onednn.conv2d_bf16(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                                                  strides, pads))(x, k)
+    want = lax.conv_general_dilated(np.asarray(x, np.float64), np.asarray(k, np.float64),
+                                    strides, pads, dimension_numbers=DN)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(np.float32))
+  with pytest.raises(TypeError, match="bfloat16 operands, got float32 and float32"):
+    onednn.conv2d_bf16(x, k, (1, 1), ((1, 1), (1, 1)))
+
+
+def _cache_in(tmp_path, monkeypatch):
+  """`auto` with a fresh memory and disk cache in tmp_path (the built libraries linked in),
+  timing every op, one round."""
+  onednn.available(), xor.available()
+  for lib in build.cache_dir().glob("*.so"):
+    (tmp_path / lib.name).symlink_to(lib)
+  monkeypatch.setenv("BIREAL_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("BIREAL_AUTOTUNE_MIN_WORK", "0")
+  monkeypatch.setenv("BIREAL_AUTOTUNE_ROUNDS", "1")
+  monkeypatch.delenv("BIREAL_AUTOTUNE_CACHE", raising=False)
+  autotune._MEMO.clear()
+  autotune._DISK.clear()
+
+
+@pytest.mark.parametrize("amx", ["0", "1"])
+def test_auto_times_the_bf16_candidates_only_with_amx(amx, tmp_path, monkeypatch):
+  """BIREAL_AMX=1 stands in for an AMX CPU: then `auto` times `onednn_bf16` beside the others
+  (real timings, read back from its disk cache) and `explain` lists it; with 0 it does neither."""
+  _cache_in(tmp_path, monkeypatch)
+  monkeypatch.setenv("BIREAL_AMX", amx)
+  try:
+    x = _rand((1, 8, 8, 64), 0)
+    cases = {"binary_conv2d": ((jnp.sign(x) + (x == 0), _pm1((3, 3, 64, 64), 1) * 0.01),
+                               dict(strides=(1, 1), pads=((1, 1), (1, 1)))),
+             "packed_conv2d": ((x, bitops.pack_kernel(_rand((3, 3, 64, 64), 2)), jnp.ones(64),
+                                jnp.zeros(64)), dict(stride=1, pad=1))}
+    for op, (arrays, statics) in cases.items():
+      pick = autotune._pick(op, arrays, statics, train=False)
+      table = json.loads(autotune._cache_file().read_text())
+      entry = table[autotune._key(op, arrays, statics, False)]
+      assert entry["pick"] == pick
+      assert ("onednn_bf16" in entry["ms"]) == (amx == "1"), entry
+      assert "reference" in entry["ms"]
+      autotune._MEMO.clear()
+      autotune._DISK.clear()
+      (tmp_path / "autotune").rename(tmp_path / f"autotune-{op}")  # explain: nothing cached
+      with ops.implementation("auto"):
+        said = ops.explain(lambda *a: getattr(ops, op)(*a, **statics), *arrays)
+      assert ("onednn_bf16" in said) == (amx == "1"), said
+  finally:
+    autotune._MEMO.clear()
+    autotune._DISK.clear()
+
+
+def test_bf16_candidates_run_by_name_on_this_cpu():
+  """Named in a setting string (as BIREAL_OPS takes it), the bf16 candidates run here whether
+  or not the CPU has AMX: the packed model's binary convs and the float model's eval-mode
+  binary convs go through the bf16 custom calls and give the reference's logits."""
+  model = models.get("bireal18", num_classes=10, stem="small", base_width=32,
+                     stage_sizes=(1, 1, 1, 1))
+  x = _rand((2, 16, 16, 3), 3)
+  variables = model.init(jax.random.key(0), x)
+  pm = deploy.pack(model, variables)
+  rp = pm.runtime_params("xor")
+  others = ",".join(f"{op}=reference" for op in ops.OPS if op not in ("packed_conv2d",
+                                                                      "binary_conv2d"))
+  out = {}
+  for name in ("reference", "onednn_bf16"):
+    with ops.implementation(f"{others},packed_conv2d={name},binary_conv2d={name}"):
+      packed = lambda p, v: deploy.forward(pm.config, p, v, "xor")  # noqa: E731 (fresh trace)
+      floating = lambda v, xs: model.apply(v, xs, train=False)  # noqa: E731
+      out[name] = (str(jax.make_jaxpr(packed)(rp, x)), np.asarray(jax.jit(packed)(rp, x)),
+                   str(jax.make_jaxpr(floating)(variables, x)),
+                   np.asarray(jax.jit(floating)(variables, x)))
+  assert "bireal_onednn_packed_conv_bf16_fwd" in out["onednn_bf16"][0]
+  assert "population_count" not in out["onednn_bf16"][0]
+  assert "bireal_onednn_conv_bf16_fwd" in out["onednn_bf16"][2]
+  assert "bireal_onednn" not in out["reference"][0] + out["reference"][2]
+  for i in (1, 3):  # D exact on both; the affine may round once apart inside larger fusions
+    ref = out["reference"][i]
+    np.testing.assert_allclose(out["onednn_bf16"][i], ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+    np.testing.assert_array_equal(out["onednn_bf16"][i].argmax(-1), ref.argmax(-1))

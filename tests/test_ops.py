@@ -87,7 +87,8 @@ SIGNATURES = {
         "onednn": (["bireal_onednn_conv_fwd"], ["population_count", "i8"]),
         "xor": (["bireal_xor_conv_fwd"], ["conv_general_dilated", "i8"]),
         "xor_jax": (["population_count"], ["bireal_", "conv_general_dilated"]),
-        "int8": (["i8"], ["bireal_", "population_count"])},
+        "int8": (["i8"], ["bireal_", "population_count"]),
+        "onednn_bf16": (["bireal_onednn_conv_bf16_fwd"], ["population_count", "i8"])},
     "max_pool": {"reference": (["reduce_window_max"], ["bireal_"]),
                  "sliced": ([], ["reduce_window", "bireal_"]),
                  "onednn": (["bireal_onednn_pool_fwd"], ["reduce_window"])},
@@ -95,7 +96,8 @@ SIGNATURES = {
                          "fused_bwd": (["custom_vjp_call"], ["bireal_"])},
     # Packed inference only (tests/test_packed.py tests it: exactness, candidates bit for bit).
     "packed_conv2d": {"reference": (["population_count"], ["bireal_"]),
-                      "xor_cpp": (["bireal_packed_conv"], ["population_count"])},
+                      "xor_cpp": (["bireal_packed_conv"], ["population_count"]),
+                      "onednn_bf16": (["bireal_onednn_packed_conv_bf16"], ["population_count"])},
 }
 TRAINING_OPS = set(SIGNATURES) - {"packed_conv2d"}  # what a training workload runs
 
@@ -198,7 +200,7 @@ def test_onednn_input_gradient_forms(size):
                                                                "onednn_flip"]
 
 
-EXACT = ("xor", "xor_jax", "int8")  # integer sums scaled by α once
+EXACT = ("xor", "xor_jax", "int8", "onednn_bf16")  # integer sums scaled by α once
 
 
 @pytest.mark.parametrize("geometry", list(CONVS))
@@ -226,7 +228,7 @@ def test_applicable_follows_dtype_and_geometry():
   x, w, _, statics = conv_operands(CONVS["3x3s1p1"], binary=True)
   native = lambda op, names: [n for n in names if ops.CANDIDATES[op][n].available()]  # noqa
   assert ops.applicable("binary_conv2d", (x, w), statics) == native(
-      "binary_conv2d", ["reference", "onednn", "xor", "xor_jax", "int8"])
+      "binary_conv2d", ["reference", "onednn", "xor", "xor_jax", "int8", "onednn_bf16"])
   x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   assert ops.applicable("conv2d", (x16, w16), statics) == ["reference"]
   assert ops.applicable("binary_conv2d", (x16, w16), statics) == ["reference"]

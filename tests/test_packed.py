@@ -450,3 +450,32 @@ def test_bireal18_packed_export_fits_4_2_mb(tmp_path):
   size = deploy.directory_bytes(tmp_path / "b18")
   print(f"packed Bi-Real-18 on disk: {size:,} bytes (payload {pm.num_bytes():,})")
   assert size <= 4_200_000
+
+
+def test_kernel_headers_are_in_the_build_key_and_the_package(tmp_path, monkeypatch):
+  """Every `#include "..."` of the C++ sources is a csrc/*.h header that `build.headers()` lists
+  (so a changed header rebuilds the libraries that include it) and that setup.cfg ships."""
+  import configparser
+  import fnmatch
+  import re
+  import shutil
+  from bireal_jax.ops.cpu import build
+  external = ("xla/", "dnnl")  # jaxlib's FFI headers and oneDNN's
+  included = {name for cc in build.CSRC.glob("*.cc")
+              for name in re.findall(r'^#include "([^"]+)"', cc.read_text(), re.M)
+              if not name.startswith(external)}
+  assert included and included == {p.name for p in build.headers()}, included
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.cfg"))
+  patterns = [p.strip() for p in cfg["options.package_data"]["bireal_jax.ops.cpu"].split(",")]
+  for path in [*build.CSRC.glob("*.cc"), *build.headers()]:
+    assert any(fnmatch.fnmatch(f"csrc/{path.name}", p) for p in patterns), (path.name, patterns)
+
+  src = tmp_path / "csrc"
+  shutil.copytree(build.CSRC, src)
+  monkeypatch.setattr(build, "CSRC", src)
+  sources = [src / "packed_conv.cc"]
+  before = build.library_path("packed_conv", sources, ())
+  header = src / "popcount_common.h"
+  header.write_text(header.read_text() + "\n// a change\n")
+  assert build.library_path("packed_conv", sources, ()) != before

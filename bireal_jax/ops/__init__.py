@@ -29,10 +29,12 @@ lambda) under each setting you compare.
 
 `auto` times the candidates that apply on first use of each (op, shapes, dtype, options), on this
 CPU, as cuDNN's benchmark mode does, and caches the pick in memory and on disk beside the
-compiled libraries (`autotune.py`). In training it times forward + backward, in inference the
-forward alone. The binary convolution's backward is always the float convolution's transpose
-(`conv2d`, itself chosen), and its forward is the same in training and inference, so a train-mode
-and an eval-mode forward agree bit for bit.
+compiled libraries (`autotune.py`). Candidates a CPU cannot run fast are not offered to it: the
+bf16 binary convs (`onednn_bf16`) only where `cpu.build.has_amx()`; a setting may still name
+them. In training it times forward + backward, in inference the forward alone. The binary
+convolution's backward is always the float convolution's transpose (`conv2d`, itself chosen), and
+its forward is the same in training and inference, so a train-mode and an eval-mode forward
+agree bit for bit.
 """
 from __future__ import annotations
 
@@ -58,12 +60,15 @@ DEFAULT = "reference"  # without an opt-in (implementation(), BIREAL_OPS, config
 class Candidate:
   """One implementation of an op: `fn` has the op's signature; `applies(*arrays, **statics)`
   says whether it takes these operands (dtype, geometry); `available()` whether it is built;
-  `timed` the `auto` modes ("train": forward + backward, "eval": forward) that time it."""
+  `timed` the `auto` modes ("train": forward + backward, "eval": forward) that time it;
+  `offered()` whether `auto` considers it on this machine at all (a candidate that is not
+  offered still runs where a setting names it)."""
   fn: Callable
   applies: Callable[..., bool] = lambda *a, **k: True
   available: Callable[[], bool] = lambda: True
   cpu_only: bool = True
   timed: tuple = ("train", "eval")
+  offered: Callable[[], bool] = lambda: True
 
 
 def _f32(*arrays) -> bool:
@@ -73,6 +78,11 @@ def _f32(*arrays) -> bool:
 def _onednn_available() -> bool:
   from bireal_jax.ops.cpu import onednn
   return onednn.available()
+
+
+def _amx() -> bool:
+  from bireal_jax.ops.cpu import build
+  return build.has_amx()
 
 
 def _xor_available() -> bool:
@@ -126,6 +136,11 @@ def _binary_int8(xq, wq, strides, pads):
   return binconv.int8_im2col(xq, wq, strides, pads)
 
 
+def _binary_onednn_bf16(xq, wq, strides, pads):
+  from bireal_jax.ops.cpu import binconv
+  return binconv.onednn_bf16(xq, wq, strides, pads)
+
+
 def _square(xq, wq, strides, pads) -> bool:
   return _f32(xq, wq) and geometry.is_square_symmetric(strides, pads)
 
@@ -167,6 +182,11 @@ def _packed_cpp(x, bits, scale, bias, residual=None, *, stride, pad):
   return packed.packed_conv(x, bits, scale, bias, residual, stride=stride, pad=pad)
 
 
+def _packed_onednn_bf16(x, bits, scale, bias, residual=None, *, stride, pad):
+  from bireal_jax.ops.cpu import binconv
+  return binconv.packed_onednn_bf16(x, bits, scale, bias, residual, stride=stride, pad=pad)
+
+
 def _packed_cpp_available() -> bool:
   from bireal_jax.ops.cpu import packed
   return packed.available()
@@ -197,6 +217,10 @@ CANDIDATES: dict[str, dict[str, Candidate]] = {
         "xor_jax": Candidate(_with_conv_backward(_binary_xor_jax),
                              lambda x, w, strides, pads: _square(x, w, strides, pads)),
         "int8": Candidate(_with_conv_backward(_binary_int8), lambda x, w, **_: _f32(x, w)),
+        # ±1 in bf16 with f32 sums: exact. oneDNN runs it on AMX where the CPU has it; `auto`
+        # times it only there (`build.has_amx`): without AMX the XOR kernels are the fast path.
+        "onednn_bf16": Candidate(_with_conv_backward(_binary_onednn_bf16),
+                                 lambda x, w, **_: _f32(x, w), _onednn_available, offered=_amx),
     },
     "max_pool": {
         "reference": Candidate(reference.max_pool, cpu_only=False),
@@ -216,6 +240,9 @@ CANDIDATES: dict[str, dict[str, Candidate]] = {
         # C++: sign packing, popcount sums, affine and residual in one call, on XLA's threads.
         "xor_cpp": Candidate(_packed_cpp, lambda x, *a, **_: x.dtype == jnp.float32,
                              _packed_cpp_available, timed=("eval",)),
+        # D as oneDNN's bf16 convolution of ±1 operands, f32 sums (exact); AMX CPUs only in auto.
+        "onednn_bf16": Candidate(_packed_onednn_bf16, lambda x, *a, **_: x.dtype == jnp.float32,
+                                 _onednn_available, timed=("eval",), offered=_amx),
     },
 }
 
@@ -322,7 +349,8 @@ def _resolve(op: str, arrays, statics) -> str:
 
 
 def applicable(op: str, arrays, statics) -> list[str]:
-  """Candidates of `op` that take these operands and are available here (reference first)."""
+  """Candidates of `op` that take these operands and are available here (reference first);
+  `auto` considers those of them that are `offered()` on this machine."""
   on_cpu = jax.default_backend() == "cpu"
   return [n for n, c in CANDIDATES[op].items()
           if (on_cpu or not c.cpu_only) and c.applies(*arrays, **statics) and c.available()]

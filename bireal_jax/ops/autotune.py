@@ -75,7 +75,7 @@ def _machine() -> str:
   """Everything a pick depends on besides the op: CPU, threads, ISA cap, versions, sources
   (read once per process: these do not change while it runs)."""
   from bireal_jax.ops.cpu import build
-  sources = b"".join(p.read_bytes() for p in sorted(build.CSRC.glob("*.cc")))
+  sources = b"".join(p.read_bytes() for p in sorted(build.CSRC.glob("*.cc")) + build.headers())
   here = Path(__file__).parent
   py = b"".join(p.read_bytes() for p in sorted(here.glob("**/*.py")))
   try:
@@ -84,6 +84,7 @@ def _machine() -> str:
     threads = os.cpu_count() or 1
   return hashlib.sha256(b"\n".join([
       build.cpu_id().encode(), str(threads).encode(), str(build.isa_cap()).encode(),
+      str(build.has_amx()).encode(),  # BIREAL_AMX may change what auto times
       jax.__version__.encode(), os.environ.get("XLA_FLAGS", "").encode(),
       os.environ.get("BIREAL_ONEDNN", "").encode(), sources, py])).hexdigest()[:16]
 
@@ -195,11 +196,18 @@ def _untimed(op, arrays, statics, names) -> str | None:
   return None
 
 
+def offered(op, names) -> list:
+  """`names` less the candidates `auto` does not consider on this machine (e.g. the bf16
+  oneDNN binary convs without AMX: `Candidate.offered`)."""
+  return [n for n in names if _ops.CANDIDATES[op][n].offered()]
+
+
 def timed_candidates(op: str, names, train: bool) -> list:
   """Those of the candidates `names` that `auto` times in training (forward + backward) or in
-  inference (forward): e.g. the conv2d input-gradient forms are timed in training only."""
+  inference (forward) on this machine: e.g. the conv2d input-gradient forms are timed in
+  training only, the bf16 oneDNN binary convs only with AMX."""
   mode = "train" if train else "eval"
-  return [n for n in names if mode in _ops.CANDIDATES[op][n].timed]
+  return [n for n in offered(op, names) if mode in _ops.CANDIDATES[op][n].timed]
 
 
 def _pick(op, arrays, statics, train: bool) -> str:
@@ -246,7 +254,8 @@ def pick(op: str, arrays, statics) -> str:
     # binary_conv2d: one forward for training and inference (backward via conv2d);
     # packed_conv2d: inference only.
     return _pick(op, arrays, statics, train=False)
-  return _untimed(op, arrays, statics, _ops.applicable(op, arrays, statics)) or "auto:"
+  return _untimed(op, arrays, statics, offered(op, _ops.applicable(op, arrays, statics))) or \
+      "auto:"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

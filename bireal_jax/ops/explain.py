@@ -38,6 +38,7 @@ def _decide(op: str, arrays, statics, setting) -> str:
   choice = setting[op]
   applies = [n for n, c in ops.CANDIDATES[op].items() if c.applies(*arrays, **statics)]
   if choice == "auto":
+    applies = autotune.offered(op, applies)
     cached = autotune.lookup(op, arrays, statics)
     if cached is not None:
       return f"{cached} (auto: picked earlier on this CPU)"

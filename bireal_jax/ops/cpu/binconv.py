@@ -35,3 +35,23 @@ def xor_jax(xq, wq, strides, pads):
   symmetric padding only. Values bit for bit those of the C++ kernel."""
   d = bits.xor_popcount_conv(xq, bits.pack_kernel(wq), strides[0], pads[0][0])
   return d.astype(jnp.float32) * alpha(wq)
+
+
+def onednn_bf16(xq, wq, strides, pads):
+  """D as oneDNN's bf16 convolution with f32 sums (`onednn.conv2d_bf16`): ±1 is exact in bf16,
+  so D is exact (any strides and padding). On AMX CPUs oneDNN runs it on the tile units."""
+  from bireal_jax.ops.cpu import onednn
+  ws = jnp.where(wq >= 0, 1.0, -1.0).astype(jnp.bfloat16)
+  d = onednn.conv2d_bf16(xq.astype(jnp.bfloat16), ws, strides, pads)
+  return d * alpha(wq)
+
+
+def packed_onednn_bf16(x, packed, scale, bias, residual=None, *, stride, pad):
+  """`packed_conv2d` with D from oneDNN's bf16 convolution: sign(x) as ±1 bf16 (zero padding of
+  the signed input adds 0, as the packed format's) and the kernel's bits unpacked in C++, then
+  the affine and residual in XLA, as the reference does."""
+  from bireal_jax.ops.cpu import onednn
+  xs = jnp.where(x >= 0, 1.0, -1.0).astype(jnp.bfloat16)  # sign(0) = +1, as bits.pack_signs
+  d = onednn.packed_conv2d_bf16(xs, packed, stride, pad)
+  y = d * scale + bias
+  return y if residual is None else y + residual

@@ -2,11 +2,11 @@
 
 Libraries are built on first use with the system compiler (`$CXX`, default g++), `-O3
 -march=native`, and cached under `$BIREAL_JAX_CACHE` (default `~/.cache/bireal_jax`), keyed by
-the sources, the jax version (the FFI headers come from jaxlib), the extra flags and the CPU
-(model and feature flags: a shared home directory may serve several machines). When the run caps
-the instruction set below the CPU's (`ONEDNN_MAX_CPU_ISA=AVX2` or `XLA_FLAGS=--xla_cpu_max_isa=
-AVX2`, e.g. to reproduce an AVX2-only machine on an AVX-512 one), the C++ is built without
-AVX-512 as well, so every kernel sees the same machine.
+the sources and the headers beside them (`csrc/*.h`), the jax version (the FFI headers come from
+jaxlib), the extra flags and the CPU (model and feature flags: a shared home directory may serve
+several machines). When the run caps the instruction set below the CPU's (`ONEDNN_MAX_CPU_ISA=
+AVX2` or `XLA_FLAGS=--xla_cpu_max_isa=AVX2`, e.g. to reproduce an AVX2-only machine on an AVX-512
+one), the C++ is built without AVX-512 as well, so every kernel sees the same machine.
 """
 from __future__ import annotations
 
@@ -54,6 +54,19 @@ def isa_cap() -> str | None:
   return "AVX2" if caps & {"AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX", "SSE41", "SSE4_2"} else None
 
 
+def has_amx() -> bool:
+  """Whether the CPU has AMX with bf16 tiles (`amx_bf16` in /proc/cpuinfo's flags, Intel Sapphire
+  Rapids and later) and the run does not cap the ISA below it. `BIREAL_AMX=1` or `0` overrides
+  the answer (tests; or to keep `auto` from timing the AMX candidates). `auto` offers the
+  bf16 oneDNN binary convolutions only where this is true (`ops.CANDIDATES[...].offered`)."""
+  forced = os.environ.get("BIREAL_AMX", "").strip()
+  if forced in ("0", "1"):
+    return forced == "1"
+  if forced:
+    raise ValueError(f"BIREAL_AMX={forced!r}: expected '1', '0' or unset")
+  return "amx_bf16" in cpu_flags() and isa_cap() is None
+
+
 def isa() -> str:
   """What the kernels may use here, in words: 'AVX-512 (VPOPCNTDQ)', 'AVX-512', 'AVX2', ..."""
   flags = cpu_flags()
@@ -68,8 +81,15 @@ def _arch_flags() -> list[str]:
   return ["-march=native"] + (["-mno-avx512f"] if isa_cap() else [])
 
 
+def headers() -> list[Path]:
+  """The headers the sources may include (`csrc/*.h`, found beside them by `#include "..."`):
+  part of every library's cache key, so a changed header rebuilds what uses it."""
+  return sorted(CSRC.glob("*.h"))
+
+
 def library_path(name: str, sources: Sequence[Path], flags: Sequence[str]) -> Path:
-  key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + jax.__version__.encode()
+  key = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources, *headers()])
+                       + jax.__version__.encode()
                        + " ".join([*_arch_flags(), *flags]).encode()
                        + cpu_id().encode()).hexdigest()[:16]
   return cache_dir() / f"{name}-{key}.so"

@@ -29,6 +29,8 @@ from bireal_jax.ops.geometry import Pads, out_hw
 
 _SOURCES = (build.CSRC / "onednn_ops.cc",)
 _TARGETS = {"bireal_onednn_conv_fwd": "BirealOnednnConvFwd",
+            "bireal_onednn_conv_bf16_fwd": "BirealOnednnConvBf16Fwd",
+            "bireal_onednn_packed_conv_bf16_fwd": "BirealOnednnPackedConvBf16Fwd",
             "bireal_onednn_conv_bwd_data": "BirealOnednnConvBwdData",
             "bireal_onednn_conv_bwd_kernel": "BirealOnednnConvBwdKernel",
             "bireal_onednn_pool_fwd": "BirealOnednnPoolFwd",
@@ -158,6 +160,50 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads,
     # (and corrupted memory) for some small channel counts (e.g. 4 → 8 channels, 8×8 input).
     return _conv(x[:, ::strides[0], ::strides[1], :], kernel, (1, 1), pads, input_grad)
   return _conv(x, kernel, strides, pads, input_grad)
+
+
+def conv2d_bf16(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                pads: Pads) -> jax.Array:
+  """The forward of `conv2d` with bfloat16 operands and a float32 result, via oneDNN (its sums
+  in f32). Exact for ±1 operands: every product is ±1 and the integer sums stay below 2^24; for
+  other values it is a bf16 convolution. No gradient (the binary convs' candidates take theirs
+  from `ops.conv2d`); call it only when `available()`. oneDNN runs it with AMX where the CPU
+  has it (see `build.has_amx`), else with avx512_bf16 or a slower emulation."""
+  if x.dtype != jnp.bfloat16 or kernel.dtype != jnp.bfloat16:
+    raise TypeError(f"oneDNN conv2d_bf16 takes bfloat16 operands, got {x.dtype} and "
+                    f"{kernel.dtype}")
+  if x.ndim != 4 or kernel.ndim != 4 or x.shape[3] != kernel.shape[2]:
+    raise ValueError(f"expected NHWC input and HWIO kernel with matching channels, got "
+                     f"{x.shape} and {kernel.shape}")
+  strides = tuple(int(s) for s in strides)
+  pads = tuple((int(a), int(b)) for a, b in pads)
+  oh, ow = out_hw(x.shape, kernel.shape, strides, pads)
+  if min(oh, ow) < 1:
+    raise ValueError(f"kernel {kernel.shape[:2]} with padding {pads} does not fit input "
+                     f"{x.shape[1:3]}")
+  return _call("bf16_fwd", (x.shape[0], oh, ow, kernel.shape[3]), x, kernel, strides=strides,
+               pads=pads)
+
+
+def packed_conv2d_bf16(x: jax.Array, bits: jax.Array, stride: int, pad: int) -> jax.Array:
+  """`D = conv(x, ŵ)` as float32 for ±1 bf16 activations `x` (NHWC) and the kernel's sign bits
+  `bits[kh, kw, ceil(C/32), O]` (`ops/bits.py`), zero padding `pad` on every side; exact.
+  The kernel is unpacked and reordered for oneDNN in C++ and kept there between calls (keyed by
+  the bits), so an inference call pays only the convolution. Call only when `available()`."""
+  if x.dtype != jnp.bfloat16 or bits.dtype != jnp.uint32:
+    raise TypeError(f"oneDNN packed_conv2d_bf16 takes bfloat16 activations and uint32 bits, "
+                    f"got {x.dtype} and {bits.dtype}")
+  if x.ndim != 4 or bits.ndim != 4 or bits.shape[2] != -(-x.shape[3] // 32):
+    raise ValueError(f"expected NHWC activations and bits [kh, kw, ceil(C/32), O], got "
+                     f"{x.shape} and {bits.shape}")
+  strides, pads = (int(stride),) * 2, ((int(pad), int(pad)),) * 2
+  oh, ow = out_hw(x.shape, bits.shape, strides, pads)
+  if min(oh, ow) < 1:
+    raise ValueError(f"kernel {bits.shape[:2]} with padding {pad} does not fit input "
+                     f"{x.shape[1:3]}")
+  return jax.ffi.ffi_call("bireal_onednn_packed_conv_bf16_fwd",
+                          jax.ShapeDtypeStruct((x.shape[0], oh, ow, bits.shape[3]), jnp.float32),
+                          vmap_method="sequential")(x, bits, **_attrs(strides, pads))
 
 
 def _pool_attrs(window, strides, pads):

@@ -11,9 +11,12 @@
 // XLA runs devices (e.g. pmap over virtual CPU devices) on several threads at once, so every
 // call brings its own scratchpad: oneDNN's library-managed one is shared between primitives.
 #include <cstdint>
+#include <algorithm>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -213,6 +216,156 @@ ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   });
 }
 
+// ----- bf16 forward convolution, f32 output ---------------------------------------------------
+// For binary convolutions: with ±1 inputs and weights every product is exact in bf16 and oneDNN
+// accumulates in f32 (the destination's type), so the sums are the exact integers (|D| < 2^24).
+// On CPUs with AMX (amx_bf16) oneDNN runs it on the tile units; elsewhere on avx512_bf16 or an
+// emulation. Forward only: the binary convs' gradients are the float convolution's.
+struct Bf16Primitives {
+  dnnl::convolution_forward::primitive_desc pd;
+  dnnl::convolution_forward fwd;
+};
+
+// The cache key of `Cached` is the geometry; a distinct result type gives a distinct cache.
+const Bf16Primitives& GetBf16(const Geometry& g) {
+  return Cached<Bf16Primitives>(g, [&] {
+    auto p = std::make_unique<Bf16Primitives>();
+    const memory::desc x_md{{g.n, g.c, g.h, g.w}, memory::data_type::bf16, tag::nhwc};
+    const memory::desc k_md{{g.o, g.c, g.kh, g.kw}, memory::data_type::bf16, tag::any};
+#if DNNL_VERSION_MAJOR >= 3
+    p->pd = {Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+             x_md, k_md, g.y_md(), g.strides(), g.pad_l(), g.pad_r(), UserScratchpad()};
+#else
+    dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_inference,
+                                      dnnl::algorithm::convolution_direct, x_md, k_md, g.y_md(),
+                                      g.strides(), g.pad_l(), g.pad_r());
+    p->pd = {d, UserScratchpad(), Engine()};
+#endif
+    p->fwd = dnnl::convolution_forward(p->pd);
+    return p;
+  });
+}
+
+ffi::Error ForwardBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> k,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                       int64_t pb, int64_t pl, int64_t pr) {
+  if (auto e = Check(x.dimensions(), k.dimensions(), y->dimensions()); e.failure()) return e;
+  Geometry g = FromShapes(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+  return Guarded("oneDNN bf16 forward convolution", [&](dnnl::stream& s) {
+    const Bf16Primitives& p = GetBf16(g);
+    memory xm({{g.n, g.c, g.h, g.w}, memory::data_type::bf16, tag::nhwc}, Engine(),
+              x.untyped_data());
+    memory ym(g.y_md(), Engine(), y->untyped_data());
+    memory user({{g.o, g.c, g.kh, g.kw}, memory::data_type::bf16, tag::hwio}, Engine(),
+                k.untyped_data());
+    memory km = user;
+    if (!(p.pd.weights_desc() == user.get_desc())) {
+      km = memory(p.pd.weights_desc(), Engine());
+      dnnl::reorder(user, km).execute(s, user, km);
+    }
+    Execute(p.fwd, p.pd, s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, ym}});
+    return ffi::Error::Success();
+  });
+}
+
+// Packed inference: the kernel arrives as sign bits `[kh, kw, ceil(C/32), O]` (bit c % 32 of word
+// c / 32, 1 for −1; bireal_jax/ops/bits.py), the same at every call of a model. Unpacking it to
+// ±1 bf16 and reordering it into oneDNN's blocked layout took as long as the convolution at
+// 7²×512 (batch 1, avx512_bf16), so the reordered kernel is kept, keyed by the geometry and the
+// bits themselves (compared in full on a hit: no hash collision can give a wrong kernel), least
+// recently used first out beyond kKernelCacheBytes.
+constexpr size_t kKernelCacheBytes = size_t(256) << 20;
+
+struct CachedKernel {
+  std::vector<uint32_t> bits;
+  memory blocked;
+  size_t bytes;
+};
+
+uint64_t HashWords(const uint32_t* w, size_t n) {
+  uint64_t h = 0x9E3779B97F4A7C15ull ^ n;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= w[i];
+    h *= 0xFF51AFD7ED558CCDull;
+    h ^= h >> 32;
+  }
+  return h;
+}
+
+memory PackedKernel(const Geometry& g, const memory::desc& want, const uint32_t* bits,
+                    dnnl::stream& s) {
+  const int64_t nw = (g.c + 31) / 32;
+  const size_t n_words = static_cast<size_t>(g.kh * g.kw * nw * g.o);
+  using Key = std::tuple<decltype(g.key()), uint64_t>;
+  static std::mutex mu;
+  static std::list<std::pair<Key, CachedKernel>> lru;  // most recently used first
+  static std::map<Key, decltype(lru)::iterator> index;
+  static size_t total = 0;
+  const Key key{g.key(), HashWords(bits, n_words)};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = index.find(key);
+    if (it != index.end() &&
+        std::equal(bits, bits + n_words, it->second->second.bits.begin())) {
+      lru.splice(lru.begin(), lru, it->second);
+      return it->second->second.blocked;
+    }
+  }
+  // Unpack to ±1 bf16 in HWIO (0x3F80 = +1, 0xBF80 = −1), then reorder to oneDNN's layout.
+  std::vector<uint16_t> hwio(static_cast<size_t>(g.kh * g.kw * g.c * g.o));
+  for (int64_t t = 0; t < g.kh * g.kw; ++t)
+    for (int64_t ci = 0; ci < g.c; ++ci) {
+      const uint32_t* row = bits + (t * nw + ci / 32) * g.o;
+      uint16_t* out = hwio.data() + (t * g.c + ci) * g.o;
+      for (int64_t oc = 0; oc < g.o; ++oc)
+        out[oc] = (row[oc] >> (ci % 32)) & 1u ? 0xBF80 : 0x3F80;
+    }
+  memory user({{g.o, g.c, g.kh, g.kw}, memory::data_type::bf16, tag::hwio}, Engine(),
+              hwio.data());
+  memory blocked(want, Engine());
+  dnnl::reorder(user, blocked).execute(s, user, blocked);
+  s.wait();  // `hwio` goes out of scope
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = index.find(key);
+  if (it != index.end()) {  // another thread's kernel, or a colliding hash: replace it
+    total -= it->second->second.bytes;
+    lru.erase(it->second);
+    index.erase(it);
+  }
+  const size_t bytes = want.get_size();
+  lru.push_front({key, CachedKernel{std::vector<uint32_t>(bits, bits + n_words), blocked, bytes}});
+  index[key] = lru.begin();
+  total += bytes;
+  while (total > kKernelCacheBytes && lru.size() > 1) {
+    total -= lru.back().second.bytes;
+    index.erase(lru.back().first);
+    lru.pop_back();
+  }
+  return blocked;
+}
+
+ffi::Error PackedForwardBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U32> bits,
+                             ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                             int64_t pb, int64_t pl, int64_t pr) {
+  auto xd = x.dimensions(), bd = bits.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || bd.size() != 4 || yd.size() != 4 || bd[2] != (xd[3] + 31) / 32 ||
+      yd[0] != xd[0] || yd[3] != bd[3])
+    return ffi::Error::InvalidArgument(
+        "onednn packed conv: expected NHWC x, bits [kh, kw, ceil(C/32), O], NHWC y");
+  Geometry g{xd[0], xd[1], xd[2], xd[3], bd[0], bd[1], bd[3], yd[1], yd[2],
+             sh, sw, pt, pb, pl, pr};
+  return Guarded("oneDNN bf16 packed convolution", [&](dnnl::stream& s) {
+    const Bf16Primitives& p = GetBf16(g);
+    memory xm({{g.n, g.c, g.h, g.w}, memory::data_type::bf16, tag::nhwc}, Engine(),
+              x.untyped_data());
+    memory ym(g.y_md(), Engine(), y->untyped_data());
+    memory km = PackedKernel(g, p.pd.weights_desc(),
+                             reinterpret_cast<const uint32_t*>(bits.untyped_data()), s);
+    Execute(p.fwd, p.pd, s, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, ym}});
+    return ffi::Error::Success();
+  });
+}
+
 // ----- Max-pooling --------------------------------------------------------------------------
 // XLA:CPU fuses a strided-slice max-pool and its gradient into loops that recompute the argmax
 // from the input in every consumer; oneDNN's pooling keeps it as a one-byte workspace (the first
@@ -320,6 +473,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BirealOnednnConvFwd, Forward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() BIREAL_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BirealOnednnConvBf16Fwd, ForwardBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() BIREAL_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BirealOnednnPackedConvBf16Fwd, PackedForwardBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() BIREAL_CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BirealOnednnConvBwdData, BackwardData,

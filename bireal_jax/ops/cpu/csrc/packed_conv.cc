@@ -28,59 +28,20 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "popcount_common.h"
+#include "ffi_threads.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using bireal::ParallelFor;
+
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
 #define BIREAL_PACKED_AVX512 1
 #endif
 
-// Sign bits of `count` ≤ 32 floats: bit k = not (v[k] >= 0), as `bits.pack_signs`.
-inline uint32_t PackWord(const float* v, int64_t count) {
-#ifdef __AVX512F__
-  if (count == 32) {
-    const __m512 zero = _mm512_setzero_ps();
-    const uint32_t lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(v), zero, _CMP_NGE_UQ);
-    const uint32_t hi = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + 16), zero, _CMP_NGE_UQ);
-    return lo | (hi << 16);
-  }
-#endif
-  uint32_t word = 0;
-  for (int64_t k = 0; k < count; ++k) word |= static_cast<uint32_t>(!(v[k] >= 0.0f)) << k;
-  return word;
-}
-
-// Runs body(i) for i in [0, n): the caller and up to `pool.num_threads()` pool tasks take
-// indices from a shared counter; returns when all are done. Tasks that start late find the
-// counter exhausted and return without touching anything but the shared state.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, F&& body) {
-  if (n <= 0) return;
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  // The caller is one of the workers: num_threads − 1 helpers keep one thread per core.
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads() - 1), n - 1);
-  // The body is only ever called for an index below n, i.e. while the caller still waits.
-  auto* fn = &body;
-  auto work = [state, n, fn] {
-    for (int64_t i; (i = state->next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      (*fn)(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  while (state->done.load(std::memory_order_acquire) < n) {
-#if defined(__x86_64__)
-    _mm_pause();
-#endif
-    std::this_thread::yield();
-  }
-}
+using bireal::PackWord;
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, stride, pad, nw;
@@ -342,25 +303,20 @@ ffi::Error PackedConvResidual(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
+// The two entry points take the same operands but for the residual (before the result).
+#define BIREAL_PACKED_OPERANDS                                                       \
+  ffi::Ffi::Bind()                                                                   \
+      .Ctx<ffi::ThreadPool>()                                                        \
+      .Arg<ffi::Buffer<ffi::F32>>() /* x */                                          \
+      .Arg<ffi::Buffer<ffi::U32>>() /* bits */                                       \
+      .Arg<ffi::Buffer<ffi::F32>>() /* scale */                                      \
+      .Arg<ffi::Buffer<ffi::F32>>() /* bias */
+#define BIREAL_PACKED_RESULT_AND_ATTRS \
+  .Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("stride").Attr<int64_t>("pad")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BirealPackedConvFwd, PackedConvPlain,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
+                              BIREAL_PACKED_OPERANDS BIREAL_PACKED_RESULT_AND_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BirealPackedConvResFwd, PackedConvResidual,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
+                              BIREAL_PACKED_OPERANDS.Arg<ffi::Buffer<ffi::F32>>() /* residual */
+                                  BIREAL_PACKED_RESULT_AND_ATTRS);

@@ -18,6 +18,7 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "popcount_common.h"
 
 namespace ffi = xla::ffi;
 
@@ -29,30 +30,7 @@ namespace {
 #define BIREAL_XOR_AVX2 1
 #endif
 
-// Sign bits of `count` ≤ 32 floats: bit k = not (v[k] >= 0), as `packed.pack_signs`.
-inline uint32_t PackWord(const float* v, int64_t count) {
-#ifdef BIREAL_XOR_AVX512
-  if (count == 32) {
-    const __m512 zero = _mm512_setzero_ps();
-    const uint32_t lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(v), zero, _CMP_NGE_UQ);
-    const uint32_t hi = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + 16), zero, _CMP_NGE_UQ);
-    return lo | (hi << 16);
-  }
-#elif defined(BIREAL_XOR_AVX2)
-  if (count == 32) {
-    const __m256 zero = _mm256_setzero_ps();
-    uint32_t word = 0;
-    for (int q = 0; q < 4; ++q)
-      word |= static_cast<uint32_t>(_mm256_movemask_ps(
-                  _mm256_cmp_ps(_mm256_loadu_ps(v + 8 * q), zero, _CMP_NGE_UQ)))
-              << (8 * q);
-    return word;
-  }
-#endif
-  uint32_t word = 0;
-  for (int64_t k = 0; k < count; ++k) word |= static_cast<uint32_t>(!(v[k] >= 0.0f)) << k;
-  return word;
-}
+using bireal::PackWord;
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, stride, pad, nw;
