@@ -34,6 +34,8 @@ import numpy as np
 from bireal_jax import ops as _ops
 from bireal_jax.ops import geometry
 
+log = logging.getLogger(__name__)
+
 _LOCK = threading.Lock()
 _MEMO: dict[str, str] = {}
 _DISK: dict[str, dict] = {}
@@ -125,7 +127,7 @@ def _disk_put(key: str, entry: dict) -> None:
       json.dump(table, f, indent=0, sort_keys=True)
     os.replace(f.name, path)
   except OSError as e:  # a read-only home: the pick still holds for this process
-    logging.warning("bireal_jax: could not write the autotune cache %s (%s)", path, e)
+    log.warning("bireal_jax: could not write the autotune cache %s (%s)", path, e)
 
 
 def _operands(op, arrays, statics):
@@ -225,7 +227,7 @@ def _pick(op, arrays, statics, train: bool) -> str:
       pick = min(times, key=times.get)
       entry = {"pick": pick, "ms": {n: round(t * 1e3, 4) for n, t in times.items()}}
       _disk_put(key, entry)
-      logging.info("bireal_jax.ops auto: %s %s -> %s (%s)", op, key, pick,
+      log.info("bireal_jax.ops auto: %s %s -> %s (%s)", op, key, pick,
                    ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()))
     _MEMO[key] = entry["pick"]
     return entry["pick"]

@@ -14,7 +14,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import sys
 import re
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
+
+log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 
@@ -119,7 +120,7 @@ def load(name: str, sources: Sequence[Path], targets: Mapping[str, str],
   Raises OSError / RuntimeError / AttributeError when that fails."""
   path = library_path(name, sources, flags)
   if not path.exists():
-    logging.info("bireal_jax: compiling %s into %s", name, path)
+    log.info("bireal_jax: compiling %s into %s", name, path)
     _compile(path, sources, flags)
   # The kernels run on OpenMP threads; left spinning after each call they take the cores from
   # XLA's own threads running the fusions in between. Read once, when libgomp loads.
@@ -142,5 +143,5 @@ def kernel_available(library: str, sources, symbols: dict, flags=(), what: str =
       return True
     except (OSError, RuntimeError, AttributeError) as e:
       reason = str(e)
-  print(f"bireal_jax: {what or library} unavailable ({reason})", file=sys.stderr)
+  log.warning("bireal_jax: %s unavailable (%s)", what or library, reason)
   return False

@@ -15,8 +15,8 @@ sysdeps`); elsewhere set `BIREAL_ONEDNN_ROOT` to a prefix with `include/dnnl.hpp
 from __future__ import annotations
 
 import functools
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +26,8 @@ import numpy as np
 
 from bireal_jax.ops.cpu import build
 from bireal_jax.ops.geometry import Pads, out_hw
+
+log = logging.getLogger(__name__)
 
 _SOURCES = (build.CSRC / "onednn_ops.cc",)
 _TARGETS = {"bireal_onednn_conv_fwd": "BirealOnednnConvFwd",
@@ -71,7 +73,7 @@ def available() -> bool:
       return True
     except (OSError, RuntimeError, AttributeError) as e:
       reason = str(e)
-  print(f"bireal_jax: oneDNN custom calls unavailable ({reason})", file=sys.stderr)
+  log.warning("bireal_jax: oneDNN custom calls unavailable (%s)", reason)
   return False
 
 
