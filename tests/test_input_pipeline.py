@@ -12,44 +12,11 @@ import numpy as np
 import pytest
 
 from bireal_jax import input_pipeline as ip
+from fmnist_files import synthetic_split, write_idx, write_split_files  # tests/fmnist_files.py
 
 REAL_DIR = ip.FMNIST_DIR
 REAL_PRESENT = all(os.path.exists(os.path.join(REAL_DIR, f))
                    for files in ip.FMNIST_FILES.values() for f in files[:2])
-
-
-def write_idx(path, array, type_code=0x08, compress=True):
-  array = np.asarray(array, np.uint8)
-  header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-  with (gzip.open(path, "wb", compresslevel=1) if compress else open(path, "wb")) as f:
-    f.write(header + array.tobytes())
-
-
-def synthetic_split(n, split_id):
-  """Images whose pixels (0,0), (0,1) hold the index; a y/x-dependent ramp elsewhere."""
-  i = np.arange(n)
-  yy, xx = np.meshgrid(np.arange(28), np.arange(28), indexing="ij")
-  ramp = ((7 * yy + 13 * xx) % 256).astype(np.uint8)
-  images = ramp[None] + (i % 256).astype(np.uint8)[:, None, None] * np.uint8(3)
-  images[:, 0, 0] = i % 256
-  images[:, 0, 1] = i // 256
-  images[:, 0, 2] = split_id
-  labels = ((7 * i + split_id) % 10).astype(np.uint8)
-  return images, labels
-
-
-def write_split_files(folder, split, images, labels):
-  images_file, labels_file, _ = ip.FMNIST_FILES[split]
-  write_idx(os.path.join(folder, images_file), images)
-  write_idx(os.path.join(folder, labels_file), labels)
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("fmnist"))
-  for split_id, (split, (_, _, n)) in enumerate(ip.FMNIST_FILES.items()):
-    write_split_files(folder, split, *synthetic_split(n, split_id))
-  return folder
 
 
 def config(manual_dir, **kw):
