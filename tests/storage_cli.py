@@ -3,7 +3,6 @@ job against the `gcs` emulator fixture (conftest.py). Runs are tiny (synthetic d
 width 4); `--config.storage_retries=0` and a short `--config.storage_timeout_s` keep the outage
 cases short.
 """
-import json
 import re
 import subprocess
 import sys

@@ -3,7 +3,6 @@
 Tiny synthetic runs (tests/tiny_training.py) (8 virtual CPU devices under `make test`).
 """
 import functools
-import os
 import tempfile
 
 import jax

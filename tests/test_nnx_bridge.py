@@ -1,5 +1,4 @@
 """Flax NNX: the Linen models via `nnx.bridge.ToNNX`, one training step checked against Linen."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

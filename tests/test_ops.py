@@ -24,7 +24,7 @@ from fast_paths import loss_and_grads  # tests/fast_paths.py
 from numerics import assert_close  # tests/numerics.py
 from op_cases import auto_cases, auto_workload, bn_operands, conv_operands  # tests/op_cases.py
 
-from bireal_jax import layers, models, ops, quantizers
+from bireal_jax import layers, models, ops
 from bireal_jax.ops import autotune, reference
 from bireal_jax.ops.cpu import build, onednn, xor
 
