@@ -30,10 +30,11 @@ def _fold(key, *data):
 _SHUFFLE, _AUGMENT = 0, 1  # streams folded into an epoch's key
 
 
-def _int_seeds(key, n: int) -> list[int]:
-  """`n` Python ints drawn from `key` (for APIs that take an int seed, e.g. tf.data shuffle)."""
+def _seed_tensors(key, n: int) -> list[tf.Tensor]:
+  """`n` int64 seeds drawn from `key` (for tf.data's shuffle seeds), as tensors: the same values
+  eagerly and inside a tf.data function."""
   draws = tf.random.stateless_uniform([n], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
-  return [int(v) for v in draws.numpy()]
+  return tf.unstack(draws)
 
 
 def random_resized_crop_window(image_hw, key):
