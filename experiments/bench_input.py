@@ -92,11 +92,23 @@ def steady_pass(kind: str, cfg, batch_size: int, epochs: int, timer) -> int:
   return epochs * steps * batch_size
 
 
-def eval_pass(cfg, batch_size: int) -> int:
-  n = 0
-  for b in ip.create_eval_iter(cfg, batch_size=batch_size, split="train", process_index=0,
-                               process_count=1):
+WARM_SKIP = 2  # batches of each eval pass left out of its warm rate
+
+
+def eval_pass(cfg, batch_size: int, warm=None) -> int:
+  """One pass of a new eval iterator; `warm`, a Clock, also times the pass from its
+  (WARM_SKIP + 1)-th batch on (start-up excluded), counting those images in warm.images."""
+  n, started = 0, False
+  for i, b in enumerate(ip.create_eval_iter(cfg, batch_size=batch_size, split="train",
+                                            process_index=0, process_count=1)):
     n += int(b["mask"].sum())
+    if warm is not None and i >= WARM_SKIP:
+      warm.images += int(b["mask"].sum())
+    if warm is not None and i + 1 == WARM_SKIP:
+      warm(True)
+      started = True
+  if started:
+    warm(False)
   return n
 
 
@@ -108,6 +120,7 @@ class Clock:
 
   def reset(self):
     self.wall = self.cpu = 0.0
+    self.images = 0
 
   def __call__(self, running: bool):
     now = (time.perf_counter(), machine.cpu_seconds())
@@ -151,7 +164,9 @@ def main(argv=None):
   variants = {k: functools.partial(steady_pass, k, batch_size=args.batch_size,
                                    epochs=args.train_epochs, timer=clock)
               for k in ("plain", "train")}
-  variants["eval"] = lambda c: eval_pass(c, args.batch_size)
+  warm = Clock()
+  warm_rates = []
+  variants["eval"] = lambda c: eval_pass(c, args.batch_size, warm)
   print(f"plain, train: per round, each dataset's iterator gives {DRAIN} untimed batches, then "
         f"{args.train_epochs} timed epochs' worth (train: epoch boundaries included); "
         "eval: a new iterator per pass, timed whole")
@@ -162,6 +177,7 @@ def main(argv=None):
   for r in range(args.rounds):
     for name, fn in variants.items():
       clock.reset()
+      warm.reset()
       n = 0
       for cfg in cfgs:
         if name == "eval":
@@ -169,6 +185,9 @@ def main(argv=None):
         n += fn(cfg)
         if name == "eval":
           clock(False)
+      if name == "eval":
+        warm_rates.append(warm.images / warm.wall)
+        warm.reset()
       rates[name].append(n / clock.wall)
       per_cpu_s[name].append(n / clock.cpu)
     row = {k: v[-1] for k, v in rates.items()}
@@ -181,6 +200,10 @@ def main(argv=None):
   print(f"median of {args.rounds} rounds ({cores} cores): " + ", ".join(
       f"{k} {v:.0f} img/s ({v / cores:.0f} per core)" for k, v in med.items()))
   print(f"median ratios: train/plain {ratio_t:.2f}, eval/plain {ratio_e:.2f}")
+  print(f"eval without each pass's start-up (from its batch {WARM_SKIP + 1} on), per round: " +
+        " ".join(f"{v:.0f}" for v in warm_rates) +
+        f" img/s; median {statistics.median(warm_rates):.0f}, ratio to plain "
+        f"{statistics.median(w / p for w, p in zip(warm_rates, rates['plain'])):.2f}")
   cpu = {k: statistics.median(v) for k, v in per_cpu_s.items()}
   print("median img per CPU-second: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()) +
         f"; ratios train/plain {cpu['train'] / cpu['plain']:.2f}, "
