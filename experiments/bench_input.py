@@ -10,7 +10,9 @@ builder, then times, interleaved in rounds (plain, train, eval, plain, train, ev
          takes from each first DRAIN batches untimed (what its prefetch and parallel map
          prepared while it sat idle during the other variants: timing them would count work
          done on another variant's clock), then --train_epochs epochs' worth timed (train:
-         epoch boundaries included): the steady rates a train loop sees;
+         epoch boundaries included): the steady rates a train loop sees. Each variant's turn
+         starts once the process is idle, so the kept iterators' refill of their buffers
+         after their turn is timed on no other variant's clock;
   eval   create_eval_iter over the same train files (resize shorter side + centre crop), a
          new iterator per pass as in training's periodic evaluation.
 Prints img/s (all cores and per core) and the train/plain and eval/plain ratios of each
@@ -112,6 +114,18 @@ def eval_pass(cfg, batch_size: int, warm=None) -> int:
   return n
 
 
+def settle(timeout_s: float = 20.0) -> None:
+  """Waits until this process is idle (under 5 % of a core over 0.2 s): the kept iterators
+  refill their prefetch buffers after each timed stretch, and that work must not land on the
+  next variant's clock."""
+  end = time.perf_counter() + timeout_s
+  while time.perf_counter() < end:
+    c = machine.cpu_seconds()
+    time.sleep(0.2)
+    if machine.cpu_seconds() - c < 0.01:
+      return
+
+
 class Clock:
   """Wall and CPU seconds summed over the stretches between clock(True) and clock(False)."""
 
@@ -169,13 +183,15 @@ def main(argv=None):
   variants["eval"] = lambda c: eval_pass(c, args.batch_size, warm)
   print(f"plain, train: per round, each dataset's iterator gives {DRAIN} untimed batches, then "
         f"{args.train_epochs} timed epochs' worth (train: epoch boundaries included); "
-        "eval: a new iterator per pass, timed whole")
+        "eval: a new iterator per pass, timed whole; each variant starts once the process is "
+        "idle (the kept iterators' refill after a timed stretch is on no clock)")
   rates = {k: [] for k in variants}
   per_cpu_s = {k: [] for k in variants}
   print(f"{'round':>5} " + " ".join(f"{k + ' img/s':>12}" for k in variants) +
         f" {'train/plain':>11} {'eval/plain':>10}  load")
   for r in range(args.rounds):
     for name, fn in variants.items():
+      settle()
       clock.reset()
       warm.reset()
       n = 0
