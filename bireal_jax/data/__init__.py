@@ -47,6 +47,8 @@ Semantics shared by both datasets:
     for Fashion-MNIST, which augments a whole batch at once), so an iterator started at step k
     yields exactly what a fresh one yields from its k-th batch on. Resuming ImageNet mid-epoch
     reads (without decoding) the part of the epoch already seen; Fashion-MNIST skips indices only.
+    ImageNet's train iterator is one tf.data pipeline through all epochs (each epoch's shuffle
+    seeds drawn inside it), so epoch boundaries neither rebuild nor pause it.
   * Images: Fashion-MNIST float32 [H, W, 1], pixels scaled to [0, 1] and normalised with its
     train set's mean/std (0.2860/0.3530). ImageNet uint8 RGB [H, W, 3] (4x fewer bytes to the
     device, no float work on the host), which the train steps normalise on the device with

@@ -30,10 +30,11 @@ def _fold(key, *data):
 _SHUFFLE, _AUGMENT = 0, 1  # streams folded into an epoch's key
 
 
-def _int_seeds(key, n: int) -> list[int]:
-  """`n` Python ints drawn from `key` (for APIs that take an int seed, e.g. tf.data shuffle)."""
+def _seed_tensors(key, n: int) -> list[tf.Tensor]:
+  """`n` int64 seeds drawn from `key` (for tf.data's shuffle seeds), as tensors: the same values
+  eagerly and inside a tf.data function."""
   draws = tf.random.stateless_uniform([n], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
-  return [int(v) for v in draws.numpy()]
+  return tf.unstack(draws)
 
 
 def random_resized_crop_window(image_hw, key):
@@ -93,13 +94,29 @@ def _resize_region(image, top, left, height, width, out_hw):
   coordinates in its pixels) to `out_hw`: uint8 [out_h, out_w, 3].
 
   One ScaleAndTranslate, the kernel tf.image.resize(antialias=True) runs, computing only the
-  output pixels (its float32 kernel is faster than its uint8 one, cast included).
+  output pixels (its float32 kernel is faster than its uint8 one, cast included). When the
+  region is the whole image and neither side shrinks (a small RandomResizedCrop window), the
+  triangle kernel is plain bilinear interpolation and ResizeBilinear (half-pixel centres), ~3x
+  faster, gives the same values but for float rounding.
   """
   out_h, out_w = out_hw
-  scale = tf.stack([tf.cast(out_h, tf.float32) / height, tf.cast(out_w, tf.float32) / width])
-  x = tf.raw_ops.ScaleAndTranslate(
-      images=tf.cast(image, tf.float32)[None], size=tf.stack([out_h, out_w]), scale=scale,
-      translation=-tf.stack([top, left]) * scale, kernel_type="triangle", antialias=True)[0]
+  fh, fw = tf.cast(out_h, tf.float32), tf.cast(out_w, tf.float32)
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+
+  def antialiased():
+    scale = tf.stack([fh / height, fw / width])
+    return tf.raw_ops.ScaleAndTranslate(
+        images=tf.cast(image, tf.float32)[None], size=tf.stack([out_h, out_w]), scale=scale,
+        translation=-tf.stack([top, left]) * scale, kernel_type="triangle",
+        antialias=True)[0]
+
+  def bilinear():
+    return tf.raw_ops.ResizeBilinear(images=image[None], size=tf.stack([out_h, out_w]),
+                                     half_pixel_centers=True)[0]
+
+  whole_upsampled = ((top == 0.0) & (left == 0.0) & (height == shape[0]) & (width == shape[1])
+                     & (height <= fh) & (width <= fw))
+  x = tf.cond(whole_upsampled, bilinear, antialiased)
   return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
 

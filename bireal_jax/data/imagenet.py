@@ -6,7 +6,7 @@ import functools
 import os
 from typing import Iterator
 
-from bireal_jax.data.augment import (_AUGMENT, _SHUFFLE, _base_key, _fold, _int_seeds,
+from bireal_jax.data.augment import (_AUGMENT, _SHUFFLE, _base_key, _fold, _seed_tensors,
                                      imagenet_eval_image, imagenet_train_image)
 from bireal_jax.data.decode_check import _check_path, _usable
 from bireal_jax.data.imagenet_prep import (_imagenet_read, _read_options, _tf_error_text,
@@ -62,29 +62,35 @@ def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
   key0 = _base_key(seed, pidx)
   cached = _imagenet_read(builder, split, shuffle_seed=None).cache() if _get(
       config, "cache") else None
+  per_epoch = steps * batch_size
+  e0, skip = divmod(int(start_step), steps)
 
-  def epoch_batches(e: int, skip: int):
-    file_seed, buffer_seed = _int_seeds(_fold(key0, e, _SHUFFLE), 2)
-    aug_key = _fold(key0, e, _AUGMENT)
-    if cached is not None:
-      ds = cached
-    else:
-      ds = _imagenet_read(builder, split, shuffle_seed=file_seed)
+  def epoch_examples(e):
+    """Epoch `e`'s examples as (e, position, example), in its order: the split's files shuffled
+    and a shuffle buffer, both seeded from (seed, process, e), in-graph, so the whole run is one
+    pipeline (built and traced once, autotuned throughout; epochs follow without a pause)."""
+    file_seed, buffer_seed = _seed_tensors(_fold(key0, e, _SHUFFLE), 2)
+    ds = cached if cached is not None else _imagenet_read(builder, split, shuffle_seed=file_seed)
     ds = ds.shuffle(buffer, seed=buffer_seed, reshuffle_each_iteration=False)
-    ds = ds.take(steps * batch_size).enumerate().skip(skip * batch_size)
-    ds = ds.map(lambda pos, ex: {"image": imagenet_train_image(ex["image"], size,
-                                                               _fold(aug_key, pos)),
-                                 "label": tf.cast(ex["label"], tf.int32)},
-                num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(_prefetch(config))
-    return ds.with_options(_pipeline_options()).as_numpy_iterator()
+    return ds.take(per_epoch).enumerate().map(lambda pos, ex: (e, pos, ex))
+
+  def image(e, pos, ex):
+    return {"image": imagenet_train_image(ex["image"], size, _fold(key0, e, _AUGMENT, pos)),
+            "label": tf.cast(ex["label"], tf.int32)}
+
+  ds = tf.data.Dataset.counter(start=e0).flat_map(epoch_examples)
+  ds = ds.skip(skip * batch_size)  # read, not decoded
+  ds = ds.map(image, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(_prefetch(config))
+  it = ds.with_options(_pipeline_options()).as_numpy_iterator()
 
   def batches():
-    e, skip = divmod(int(start_step), steps)
+    step = int(start_step)
     while True:
-      with _decode_errors_explained(builder, "train", f"train epoch {e}"):
-        yield from epoch_batches(e, skip)
-      e, skip = e + 1, 0
+      with _decode_errors_explained(builder, "train", f"train epoch {step // steps}"):
+        batch = next(it)
+      yield batch
+      step += 1
 
   return batches()
 
