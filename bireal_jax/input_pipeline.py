@@ -9,8 +9,8 @@ from bireal_jax.data import (BadImage, DatasetInfo, IMAGENET_MEAN, IMAGENET_STD,
                              decode_rgb, fashion_mnist_arrays, imagenet_bad_images,
                              imagenet_builder, imagenet_eval_image, imagenet_train_image, main,
                              random_resized_crop_window, resolve_split, shard_range, tf, tfds)
-from bireal_jax.data.augment import _fold, _is_jpeg  # noqa: F401  (tests compose with these)
-from bireal_jax.data.splits import _good_ranges, _split_of  # noqa: F401
+from bireal_jax.data.augment import fold_key, is_jpeg  # noqa: F401  (tests compose with these)
+from bireal_jax.data.splits import good_ranges, split_of  # noqa: F401
 from bireal_jax.idx_files import (FMNIST_DIR, FMNIST_FILE_NAMES, FMNIST_FILES,  # noqa: F401
                                   FMNIST_MEAN, FMNIST_STD, read_fashion_mnist, read_idx)
 

@@ -82,8 +82,8 @@ def main(argv=None):
       "crop_decode": lambda e, i: _last(tf.image.decode_and_crop_jpeg(
           e, tf.constant([20, 40, 328, 328]), channels=3)),
       "window": lambda e, i: augment.random_resized_crop_window(
-          augment._image_hw(e), augment._fold(key0, i))[0],
-      "train": lambda e, i: _last(augment.imagenet_train_image(e, 224, augment._fold(key0, i))),
+          augment.encoded_image_hw(e), augment.fold_key(key0, i))[0],
+      "train": lambda e, i: _last(augment.imagenet_train_image(e, 224, augment.fold_key(key0, i))),
       "eval": lambda e, i: _last(augment.imagenet_eval_image(e, 224)),
   }
   rng = np.random.default_rng(0)

@@ -392,15 +392,15 @@ def test_damaged_file_tfds_converts_fails_preparation_with_its_name(tmp_path):
 
 
 def test_good_ranges_leave_out_the_bad_indices():
-  assert ip._good_ranges(0, 10, (), 2, 7) == [(2, 7)]
-  assert ip._good_ranges(5, 15, (), 0, 10) == [(5, 15)]
+  assert ip.good_ranges(0, 10, (), 2, 7) == [(2, 7)]
+  assert ip.good_ranges(5, 15, (), 0, 10) == [(5, 15)]
   # Good images of [0, 10) without 3 and 4: 0 1 2 5 6 7 8 9; the 2nd to 5th are 2 5 6 7.
-  assert ip._good_ranges(0, 10, (3, 4), 2, 6) == [(2, 3), (5, 8)]
-  assert ip._good_ranges(0, 10, (0, 9), 0, 8) == [(1, 9)]
-  assert ip._good_ranges(2, 6, (0, 3, 8), 0, 3) == [(2, 3), (4, 6)]
-  assert ip._good_ranges(0, 4, (1,), 3, 3) == []
-  assert ip._split_of("train", [(2, 3), (5, 8)], 0) == "train[2:3]+train[5:8]"
-  assert ip._split_of("validation", [], 4) == "validation[4:4]"
+  assert ip.good_ranges(0, 10, (3, 4), 2, 6) == [(2, 3), (5, 8)]
+  assert ip.good_ranges(0, 10, (0, 9), 0, 8) == [(1, 9)]
+  assert ip.good_ranges(2, 6, (0, 3, 8), 0, 3) == [(2, 3), (4, 6)]
+  assert ip.good_ranges(0, 4, (1,), 3, 3) == []
+  assert ip.split_of("train", [(2, 3), (5, 8)], 0) == "train[2:3]+train[5:8]"
+  assert ip.split_of("validation", [], 4) == "validation[4:4]"
 
 
 # ------------------------------------------------------------------ pixels against the float path
@@ -419,9 +419,9 @@ def _float_train_image(encoded, size, key):
     y0, x0, h, w = tf.unstack(ip.random_resized_crop_window(tf.shape(x)[:2], key))
     return x[y0:y0 + h, x0:x0 + w]
 
-  x = tf.image.resize(tf.cond(ip._is_jpeg(encoded), jpeg, other), [size, size],
+  x = tf.image.resize(tf.cond(ip.is_jpeg(encoded), jpeg, other), [size, size],
                       method="bilinear", antialias=True)
-  flip = tf.random.stateless_uniform([], seed=ip._fold(key, 1)) < 0.5
+  flip = tf.random.stateless_uniform([], seed=ip.fold_key(key, 1)) < 0.5
   return tf.where(flip, tf.reverse(x, [1]), x)
 
 

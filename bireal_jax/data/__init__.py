@@ -85,13 +85,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from bireal_jax.data.decode_check import _usable
-from bireal_jax.data.fashion_mnist import (_fmnist_eval, _fmnist_sizes, _fmnist_train,
+from bireal_jax.data.decode_check import usable_range
+from bireal_jax.data.fashion_mnist import (fmnist_eval_iter, fmnist_sizes, fmnist_train_iter,
                                            fashion_mnist_arrays)
-from bireal_jax.data.imagenet import _imagenet_eval, _imagenet_train
+from bireal_jax.data.imagenet import imagenet_eval_iter, imagenet_train_iter
 from bireal_jax.data.imagenet_prep import imagenet_builder
-from bireal_jax.data.options import (DATASETS, DatasetInfo, _check_batch_size, _dataset, _get,
-                                     _image_size, _processes)
+from bireal_jax.data.options import (DATASETS, DatasetInfo, check_batch_size, dataset_name,
+                                     get_option, image_size_of, resolve_processes)
 from bireal_jax.data.splits import resolve_split
 
 # The rest of the public face, for tools and tests.
@@ -106,17 +106,17 @@ from bireal_jax.pixels import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
 def dataset_info(config) -> DatasetInfo:
   """Classes, preprocessed image shape and split sizes (ImageNet: the images that decode;
   prepares the dataset and runs the decode check if needed)."""
-  name, size = _dataset(config), _image_size(config)
-  eval_split = str(_get(config, "eval_split"))
+  name, size = dataset_name(config), image_size_of(config)
+  eval_split = str(get_option(config, "eval_split"))
   if name == "fashion_mnist":
-    sizes = _fmnist_sizes()
+    sizes = fmnist_sizes()
     _, start, end = resolve_split(eval_split, sizes)
     return DatasetInfo(num_classes=10, image_shape=(size, size, 1), num_train=sizes["train"],
                        num_eval=end - start, eval_split=eval_split)
   builder = imagenet_builder(config)
   num = {}
   for key, split in (("train", "train"), ("eval", eval_split)):  # images that decode
-    _, start, end, bad = _usable(config, builder, split)
+    _, start, end, bad = usable_range(config, builder, split)
     num[key] = end - start - len(bad)
   return DatasetInfo(num_classes=builder.info.features["label"].num_classes,
                      image_shape=(size, size, 3), num_train=num["train"], num_eval=num["eval"],
@@ -131,14 +131,14 @@ def create_train_iter(config, *, batch_size: int, seed: int, start_step: int = 0
   `batch_size` is per process. Deterministic in (seed, process_index, process_count); an
   iterator with start_step=k yields what a start_step=0 one yields from its k-th batch on.
   """
-  name = _dataset(config)
+  name = dataset_name(config)
   if int(start_step) < 0:
     raise ValueError(f"start_step={start_step}; expected >= 0")
   if not 0 <= int(seed) < 2**63:
     raise ValueError(f"seed={seed}; expected an int in [0, 2**63)")
-  pidx, pcount = _processes(process_index, process_count)
-  fn: Callable[..., Any] = _fmnist_train if name == "fashion_mnist" else _imagenet_train
-  return fn(config, _check_batch_size(batch_size), int(seed), int(start_step), pidx, pcount)
+  pidx, pcount = resolve_processes(process_index, process_count)
+  fn: Callable[..., Any] = fmnist_train_iter if name == "fashion_mnist" else imagenet_train_iter
+  return fn(config, check_batch_size(batch_size), int(seed), int(start_step), pidx, pcount)
 
 
 def create_eval_iter(config, *, batch_size: int, split: str | None = None,
@@ -149,11 +149,11 @@ def create_eval_iter(config, *, batch_size: int, split: str | None = None,
   Across processes every example appears exactly once with mask 1.0; padding (zero image,
   label 0, mask 0.0) fills the last batch, and every process yields the same number of batches.
   """
-  name = _dataset(config)
-  split = str(split or _get(config, "eval_split"))
-  pidx, pcount = _processes(process_index, process_count)
-  fn = _fmnist_eval if name == "fashion_mnist" else _imagenet_eval
-  return fn(config, _check_batch_size(batch_size), split, pidx, pcount)
+  name = dataset_name(config)
+  split = str(split or get_option(config, "eval_split"))
+  pidx, pcount = resolve_processes(process_index, process_count)
+  fn = fmnist_eval_iter if name == "fashion_mnist" else imagenet_eval_iter
+  return fn(config, check_batch_size(batch_size), split, pidx, pcount)
 
 
 def main(argv=None) -> None:

@@ -17,20 +17,20 @@ RRC_RATIO = (3 / 4, 4 / 3)
 RRC_ATTEMPTS = 10  # as torchvision RandomResizedCrop
 
 
-def _base_key(seed: int, process_index: int) -> tf.Tensor:
+def base_key(seed: int, process_index: int) -> tf.Tensor:
   return tf.constant([int(seed), process_index], tf.int64)
 
 
-def _fold(key, *data):
+def fold_key(key, *data):
   for d in data:
     key = tf.random.experimental.stateless_fold_in(key, tf.cast(d, tf.int64))
   return key
 
 
-_SHUFFLE, _AUGMENT = 0, 1  # streams folded into an epoch's key
+SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1  # streams folded into an epoch's key
 
 
-def _seed_tensors(key, n: int) -> list[tf.Tensor]:
+def seed_tensors(key, n: int) -> list[tf.Tensor]:
   """`n` int64 seeds drawn from `key` (for tf.data's shuffle seeds), as tensors: the same values
   eagerly and inside a tf.data function."""
   draws = tf.random.stateless_uniform([n], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
@@ -65,7 +65,7 @@ def random_resized_crop_window(image_hw, key):
   return tf.cast(window, tf.int32)
 
 
-def _is_jpeg(encoded):
+def is_jpeg(encoded):
   return tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")  # SOI + first marker
 
 
@@ -81,7 +81,7 @@ def decode_rgb(encoded, ratio: int = 1):
 
   Grayscale and CMYK JPEGs come out RGB. `ratio` (1, 2, 4, 8) scales JPEGs down while decoding.
   """
-  return tf.cond(_is_jpeg(encoded),
+  return tf.cond(is_jpeg(encoded),
                  lambda: tf.io.decode_jpeg(encoded, channels=3, ratio=ratio),
                  lambda: _decode_other(encoded))
 
@@ -170,29 +170,29 @@ def _decode_region(encoded, box, out_hw, margin: bool):
                  tf.cast(x0, tf.int32):tf.cast(x1, tf.int32)]
     return crop, y0, x0, tf.constant(1.0)
 
-  crop, y0, x0, r = tf.cond(_is_jpeg(encoded), jpeg, other)
+  crop, y0, x0, r = tf.cond(is_jpeg(encoded), jpeg, other)
   crop.set_shape([None, None, 3])
   return _resize_region(crop, y / r - y0, x / r - x0, h / r, w / r, out_hw)
 
 
-def _image_hw(encoded):
+def encoded_image_hw(encoded):
   """(height, width) of an encoded image, from the JPEG header without decoding."""
-  return tf.cond(_is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+  return tf.cond(is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded)[:2],
                  lambda: tf.shape(_decode_other(encoded))[:2])
 
 
 def imagenet_train_image(encoded, size: int, key):
   """Encoded image -> RandomResizedCrop(size) + flip, uint8 [size, size, 3] (normalised on the
   device: `normalise_images`)."""
-  window = random_resized_crop_window(_image_hw(encoded), key)
+  window = random_resized_crop_window(encoded_image_hw(encoded), key)
   x = _decode_region(encoded, tf.unstack(window), (size, size), margin=False)
-  flip = tf.random.stateless_uniform([], seed=_fold(key, 1)) < 0.5
+  flip = tf.random.stateless_uniform([], seed=fold_key(key, 1)) < 0.5
   return tf.cond(flip, lambda: tf.reverse(x, [1]), lambda: x)
 
 
 def imagenet_eval_image(encoded, size: int):
   """Encoded image -> resize shorter side to 256*size/224, centre crop size, uint8."""
-  hw = tf.cast(_image_hw(encoded), tf.float64)
+  hw = tf.cast(encoded_image_hw(encoded), tf.float64)
   h, w = hw[0], hw[1]
   short = float(round(256 * size / 224))
   # As torchvision Resize(int): shorter side -> `short`, the longer one truncated, not rounded.

@@ -14,9 +14,9 @@ import numpy as np
 from bireal_jax import config as config_lib
 from bireal_jax import storage
 from bireal_jax.data.augment import decode_rgb
-from bireal_jax.data.imagenet_prep import (_archive_path, _imagenet_read, _imagenet_sizes,
-                                           _tf_error_text, imagenet_builder)
-from bireal_jax.data.options import _get
+from bireal_jax.data.imagenet_prep import (archive_path, imagenet_builder, imagenet_sizes,
+                                           read_examples, tf_error_text)
+from bireal_jax.data.options import get_option
 from bireal_jax.data.splits import resolve_split
 from bireal_jax.data.tf_env import tf
 
@@ -38,7 +38,7 @@ class BadImage:
 
 
 def _bad_images_policy(config) -> str:
-  policy = _get(config, "bad_images")
+  policy = get_option(config, "bad_images")
   if policy not in config_lib.BAD_IMAGES:
     raise ValueError(f"bad_images={policy!r}; expected one of {list(config_lib.BAD_IMAGES)}")
   return policy
@@ -48,23 +48,23 @@ def _describe_bad(builder, split: str, index: int) -> BadImage:
   """Re-reads example `index` alone, for its file name and the decoder's error message."""
   file_name, error = "?", "its record could not be read"
   try:
-    ex = next(iter(_imagenet_read(builder, f"{split}[{index}:{index + 1}]", shuffle_seed=None)))
+    ex = next(iter(read_examples(builder, f"{split}[{index}:{index + 1}]", shuffle_seed=None)))
     file_name = ex["file_name"].numpy().decode("utf-8", "replace")
     try:
       decode_rgb(ex["image"], ratio=8)
       error = "failed to decode in the check pass, decodes when read alone"
     except tf.errors.OpError as e:
-      error = _tf_error_text(e)
+      error = tf_error_text(e)
   except (tf.errors.OpError, StopIteration) as e:
-    error = f"its record could not be read: {_tf_error_text(e)}"
+    error = f"its record could not be read: {tf_error_text(e)}"
   return BadImage(split=split, index=index, file_name=file_name,
-                  path=_archive_path(split, file_name) if file_name != "?" else
+                  path=archive_path(split, file_name) if file_name != "?" else
                   f"{split}[{index}] (name unreadable)", error=error)
 
 
 def _scan_split(builder, split: str, num_examples: int) -> tuple[BadImage, ...]:
   """Decodes every image of `split` (JPEGs at 1/8 scale: all their data is still read)."""
-  ds = _imagenet_read(builder, split, shuffle_seed=None).enumerate()
+  ds = read_examples(builder, split, shuffle_seed=None).enumerate()
   # The shape of the decoded image needs the decode to have run to its end.
   ds = ds.map(lambda i, ex: (i, tf.shape(decode_rgb(ex["image"], ratio=8))),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
@@ -75,7 +75,7 @@ def _scan_split(builder, split: str, num_examples: int) -> tuple[BadImage, ...]:
   return tuple(_describe_bad(builder, split, int(i)) for i in np.flatnonzero(~ok))
 
 
-def _check_path(builder, split: str) -> str:
+def check_record_path(builder, split: str) -> str:
   return storage.join(os.fspath(builder.data_dir), _CHECK_FILE.format(split=split))
 
 
@@ -105,8 +105,8 @@ def _write_check(path: str, split: str, num_examples: int, bad, seconds: float) 
 
 @functools.lru_cache(maxsize=16)
 def _bad_images_cached(builder, split: str) -> tuple[BadImage, ...]:
-  num_examples = _imagenet_sizes(builder)[split]
-  path = _check_path(builder, split)
+  num_examples = imagenet_sizes(builder)[split]
+  path = check_record_path(builder, split)
   bad = _read_check(path, split, num_examples)
   if bad is None:
     logging.info("imagenet2012 %s: checking that its %d images decode (once; recorded in %s)",
@@ -130,13 +130,13 @@ def clear_caches() -> None:
   _SKIPS_LOGGED.clear()
 
 
-def _usable(config, builder, split: str) -> tuple[str, int, int, tuple[int, ...]]:
+def usable_range(config, builder, split: str) -> tuple[str, int, int, tuple[int, ...]]:
   """(name, start, end, sorted indices of the bad images in [start, end)) of a split spec.
 
   Applies `bad_images`: raises for "error", logs the skipped files once for "skip".
   """
   policy = _bad_images_policy(config)
-  name, start, end = resolve_split(split, _imagenet_sizes(builder))
+  name, start, end = resolve_split(split, imagenet_sizes(builder))
   bad = [b for b in _bad_images_cached(builder, name) if start <= b.index < end]
   if bad:
     shown = 20
@@ -144,7 +144,7 @@ def _usable(config, builder, split: str) -> tuple[str, int, int, tuple[int, ...]
     if len(bad) > shown:
       listing += f"\n  ... and {len(bad) - shown} more"
     head = (f"imagenet2012 {split}: {len(bad)} of {end - start} images do not decode "
-            f"(recorded in {_check_path(builder, name)})")
+            f"(recorded in {check_record_path(builder, name)})")
     if policy == "error":
       raise ValueError(f"{head}; bad_images='error' (bad_images='skip' leaves them out):\n"
                        f"{listing}")
@@ -163,5 +163,5 @@ def imagenet_bad_images(config, split: str = "train") -> tuple[BadImage, ...]:
   Runs the decode check the first time (see the module docstring); ignores `bad_images`.
   """
   builder = imagenet_builder(config)
-  name, start, end = resolve_split(split, _imagenet_sizes(builder))
+  name, start, end = resolve_split(split, imagenet_sizes(builder))
   return tuple(b for b in _bad_images_cached(builder, name) if start <= b.index < end)

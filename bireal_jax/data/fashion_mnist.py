@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 
-from bireal_jax.data.augment import _AUGMENT, _SHUFFLE, _base_key, _fold
-from bireal_jax.data.options import _get, _image_size, _prefetch
-from bireal_jax.data.splits import _eval_batches, resolve_split, shard_range
+from bireal_jax.data.augment import AUGMENT_STREAM, SHUFFLE_STREAM, base_key, fold_key
+from bireal_jax.data.options import get_option, image_size_of, prefetch_of
+from bireal_jax.data.splits import eval_batch_count, resolve_split, shard_range
 from bireal_jax.data.tf_env import tf, tfds
 from bireal_jax.idx_files import (FMNIST_FILES, FMNIST_FILE_NAMES, FMNIST_MEAN, FMNIST_PAD,
                                   FMNIST_STD, missing_fashion_mnist_files, read_fashion_mnist)
@@ -50,18 +50,18 @@ def _fmnist_arrays_cached(manual_dir: str, data_dir: str | None, stamp) -> dict:
 
 def fashion_mnist_arrays(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{split: (uint8 [N, 28, 28, 1], int32 [N])} from the IDX files in manual_dir, else tfds."""
-  manual_dir = _get(config, "manual_dir")
+  manual_dir = get_option(config, "manual_dir")
   stamp = []
   for f in FMNIST_FILE_NAMES:
     path = os.path.join(manual_dir or "", f)
     if manual_dir and os.path.exists(path):
       st = os.stat(path)
       stamp.append((f, st.st_mtime_ns, st.st_size))
-  return _fmnist_arrays_cached(manual_dir, _get(config, "data_dir"), tuple(stamp))
+  return _fmnist_arrays_cached(manual_dir, get_option(config, "data_dir"), tuple(stamp))
 
 
 def _fmnist_augment(config) -> str:
-  aug = _get(config, "augment")
+  aug = get_option(config, "augment")
   if aug not in ("none", "crop_flip"):
     raise ValueError(f"augment={aug!r} for fashion_mnist; expected 'none' or 'crop_flip'")
   return aug
@@ -84,51 +84,51 @@ def _fmnist_preprocess(images, size: int, key=None):
   return (x - FMNIST_MEAN) / FMNIST_STD
 
 
-def _fmnist_sizes():
+def fmnist_sizes():
   return {s: v[2] for s, v in FMNIST_FILES.items()}
 
 
-def _fmnist_train(config, batch_size, seed, start_step, pidx, pcount):
+def fmnist_train_iter(config, batch_size, seed, start_step, pidx, pcount):
   images, labels = fashion_mnist_arrays(config)["train"]
   a, b = shard_range(0, len(labels), pidx, pcount, drop_remainder=True)
   n = b - a
   steps = n // batch_size
   if steps < 1:
     raise ValueError(f"batch_size={batch_size} exceeds the {n} train examples of process {pidx}")
-  size = _image_size(config)
+  size = image_size_of(config)
   augment = _fmnist_augment(config) == "crop_flip"
   images_t, labels_t = tf.constant(images[a:b]), tf.constant(labels[a:b])
-  key0 = _base_key(seed, pidx)
+  key0 = base_key(seed, pidx)
   first_epoch, skip = divmod(int(start_step), steps)
 
   def epoch(e):
     # An exact permutation per epoch, cut to whole batches; a batch never straddles two epochs.
     order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
-                                                     seed=_fold(key0, e, _SHUFFLE))
+                                                     seed=fold_key(key0, e, SHUFFLE_STREAM))
     order = tf.reshape(order[:steps * batch_size], [steps, batch_size])
     return tf.data.Dataset.from_tensor_slices(order).enumerate().map(lambda k, i: (e, k, i))
 
   def batch(e, k, i):
     # Augmentation drawn per batch from (seed, process, epoch, step in epoch): vectorised, and
     # still exactly reproducible on resume because batch boundaries are fixed.
-    key = _fold(key0, e, _AUGMENT, k) if augment else None
+    key = fold_key(key0, e, AUGMENT_STREAM, k) if augment else None
     return {"image": _fmnist_preprocess(tf.gather(images_t, i), size, key),
             "label": tf.gather(labels_t, i)}
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(skip)
-  ds = ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(_prefetch(config))
+  ds = ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(prefetch_of(config))
   return iter(ds.as_numpy_iterator())
 
 
-def _fmnist_eval(config, batch_size, split, pidx, pcount):
+def fmnist_eval_iter(config, batch_size, split, pidx, pcount):
   arrays = fashion_mnist_arrays(config)
   name, start, end = resolve_split(split, {s: len(v[1]) for s, v in arrays.items()})
   images, labels = arrays[name]
   a, b = shard_range(start, end, pidx, pcount, drop_remainder=False)
-  size = _image_size(config)
+  size = image_size_of(config)
   # Padded in numpy, then preprocessed a whole batch at a time: per-example maps are far slower
   # (docs/training.md, "Why the code is as it is").
-  total = _eval_batches(end - start, pcount, batch_size) * batch_size
+  total = eval_batch_count(end - start, pcount, batch_size) * batch_size
   mask = np.zeros(total, np.float32)
   mask[:b - a] = 1.0
   x = np.zeros((total, 28, 28, 1), np.uint8)
@@ -138,4 +138,4 @@ def _fmnist_eval(config, batch_size, split, pidx, pcount):
   ds = tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(batch_size)
   ds = ds.map(lambda x, y, m: {"image": _fmnist_preprocess(x, size) * m[:, None, None, None],
                                "label": y, "mask": m}, num_parallel_calls=tf.data.AUTOTUNE)
-  return iter(ds.prefetch(_prefetch(config)).as_numpy_iterator())
+  return iter(ds.prefetch(prefetch_of(config)).as_numpy_iterator())

@@ -6,13 +6,13 @@ import functools
 import os
 from typing import Iterator
 
-from bireal_jax.data.augment import (_AUGMENT, _SHUFFLE, _base_key, _fold, _seed_tensors,
-                                     imagenet_eval_image, imagenet_train_image)
-from bireal_jax.data.decode_check import _check_path, _usable
-from bireal_jax.data.imagenet_prep import (_imagenet_read, _read_options, _tf_error_text,
+from bireal_jax.data.augment import (AUGMENT_STREAM, SHUFFLE_STREAM, base_key, fold_key,
+                                     imagenet_eval_image, imagenet_train_image, seed_tensors)
+from bireal_jax.data.decode_check import check_record_path, usable_range
+from bireal_jax.data.imagenet_prep import (read_examples, read_options, tf_error_text,
                                            imagenet_builder)
-from bireal_jax.data.options import _get, _image_size, _prefetch
-from bireal_jax.data.splits import _eval_batches, _good_ranges, _split_of, shard_range
+from bireal_jax.data.options import get_option, image_size_of, prefetch_of
+from bireal_jax.data.splits import eval_batch_count, good_ranges, split_of, shard_range
 from bireal_jax.data.tf_env import tf
 
 
@@ -20,7 +20,7 @@ def _pipeline_options():
   """As big_vision's input pipeline: each op of the per-image map runs on one thread (the map's
   parallel calls already occupy every core; op-level threads only contend with them), in a
   thread pool of this pipeline's own."""
-  opts = _read_options()
+  opts = read_options()
   opts.threading.max_intra_op_parallelism = 1
   opts.threading.private_threadpool_size = len(os.sched_getaffinity(0)) if hasattr(
       os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -42,25 +42,25 @@ def _decode_errors_explained(builder, split: str, where: str, *,
     raise
   except decode_error as e:
     raise RuntimeError(
-        f"imagenet2012 {where}: an image failed to decode ({_tf_error_text(e)}) although the "
-        f"decode check recorded in {_check_path(builder, split)} passed it: were the dataset "
+        f"imagenet2012 {where}: an image failed to decode ({tf_error_text(e)}) although the "
+        f"decode check recorded in {check_record_path(builder, split)} passed it: were the dataset "
         "files rewritten since? Delete that record to check them again, and see which file it "
         "is.") from e
 
 
-def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
+def imagenet_train_iter(config, batch_size, seed, start_step, pidx, pcount):
   builder = imagenet_builder(config)
-  _, start, end, bad = _usable(config, builder, "train")  # before any epoch: raises or skips
+  _, start, end, bad = usable_range(config, builder, "train")  # before any epoch: raises or skips
   a, b = shard_range(0, end - start - len(bad), pidx, pcount, drop_remainder=True)
   steps = (b - a) // batch_size
   if steps < 1:
     raise ValueError(f"batch_size={batch_size} exceeds the {b - a} train examples of "
                      f"process {pidx}")
-  split = _split_of("train", _good_ranges(start, end, bad, a, b), start + a)
-  size = _image_size(config)
-  buffer = int(_get(config, "shuffle_buffer_size"))
-  key0 = _base_key(seed, pidx)
-  cached = _imagenet_read(builder, split, shuffle_seed=None).cache() if _get(
+  split = split_of("train", good_ranges(start, end, bad, a, b), start + a)
+  size = image_size_of(config)
+  buffer = int(get_option(config, "shuffle_buffer_size"))
+  key0 = base_key(seed, pidx)
+  cached = read_examples(builder, split, shuffle_seed=None).cache() if get_option(
       config, "cache") else None
   per_epoch = steps * batch_size
   e0, skip = divmod(int(start_step), steps)
@@ -69,19 +69,20 @@ def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
     """Epoch `e`'s examples as (e, position, example), in its order: the split's files shuffled
     and a shuffle buffer, both seeded from (seed, process, e), in-graph, so the whole run is one
     pipeline (built and traced once, autotuned throughout; epochs follow without a pause)."""
-    file_seed, buffer_seed = _seed_tensors(_fold(key0, e, _SHUFFLE), 2)
-    ds = cached if cached is not None else _imagenet_read(builder, split, shuffle_seed=file_seed)
+    file_seed, buffer_seed = seed_tensors(fold_key(key0, e, SHUFFLE_STREAM), 2)
+    ds = cached if cached is not None else read_examples(builder, split, shuffle_seed=file_seed)
     ds = ds.shuffle(buffer, seed=buffer_seed, reshuffle_each_iteration=False)
     return ds.take(per_epoch).enumerate().map(lambda pos, ex: (e, pos, ex))
 
   def image(e, pos, ex):
-    return {"image": imagenet_train_image(ex["image"], size, _fold(key0, e, _AUGMENT, pos)),
+    key = fold_key(key0, e, AUGMENT_STREAM, pos)
+    return {"image": imagenet_train_image(ex["image"], size, key),
             "label": tf.cast(ex["label"], tf.int32)}
 
   ds = tf.data.Dataset.counter(start=e0).flat_map(epoch_examples)
   ds = ds.skip(skip * batch_size)  # read, not decoded
   ds = ds.map(image, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(_prefetch(config))
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch_of(config))
   it = ds.with_options(_pipeline_options()).as_numpy_iterator()
 
   def batches():
@@ -97,7 +98,7 @@ def _imagenet_train(config, batch_size, seed, start_step, pidx, pcount):
 
 @functools.lru_cache(maxsize=8)
 def _imagenet_eval_dataset(builder, split, size, cache):
-  ds = _imagenet_read(builder, split, shuffle_seed=None)
+  ds = read_examples(builder, split, shuffle_seed=None)
   if cache:
     ds = ds.cache()
   return ds.map(lambda ex: {"image": imagenet_eval_image(ex["image"], size),
@@ -105,18 +106,18 @@ def _imagenet_eval_dataset(builder, split, size, cache):
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _imagenet_eval(config, batch_size, split, pidx, pcount):
+def imagenet_eval_iter(config, batch_size, split, pidx, pcount):
   builder = imagenet_builder(config)
-  name, start, end, bad = _usable(config, builder, split)
+  name, start, end, bad = usable_range(config, builder, split)
   num_good = end - start - len(bad)
   a, b = shard_range(0, num_good, pidx, pcount, drop_remainder=False)
-  size = _image_size(config)
+  size = image_size_of(config)
   # Memoised, so an in-memory cache survives from one evaluation to the next.
-  ds = _imagenet_eval_dataset(builder, _split_of(name, _good_ranges(start, end, bad, a, b),
+  ds = _imagenet_eval_dataset(builder, split_of(name, good_ranges(start, end, bad, a, b),
                                                  start + a),
-                              size, bool(_get(config, "cache")))
-  it = _pad_and_batch(ds, b - a, _eval_batches(num_good, pcount, batch_size), batch_size,
-                      (size, size, 3), _prefetch(config))
+                              size, bool(get_option(config, "cache")))
+  it = _pad_and_batch(ds, b - a, eval_batch_count(num_good, pcount, batch_size), batch_size,
+                      (size, size, 3), prefetch_of(config))
 
   def batches():
     with _decode_errors_explained(builder, name, f"eval of {split}"):
@@ -128,8 +129,8 @@ def _imagenet_eval(config, batch_size, split, pidx, pcount):
 def _pad_and_batch(ds, num_real: int, num_batches: int, batch_size: int, image_shape,
                    prefetch: int) -> Iterator[dict]:
   pad = num_batches * batch_size - num_real
-  blank = {"image": tf.zeros(image_shape, ds.element_spec["image"].dtype), "label": tf.constant(0, tf.int32),
-           "mask": tf.constant(0.0)}
+  blank = {"image": tf.zeros(image_shape, ds.element_spec["image"].dtype),
+           "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
   ds = ds.batch(batch_size).prefetch(prefetch).with_options(_pipeline_options())
   return iter(ds.as_numpy_iterator())

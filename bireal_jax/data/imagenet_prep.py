@@ -7,7 +7,7 @@ import logging
 import os
 import re
 
-from bireal_jax.data.options import _get
+from bireal_jax.data.options import get_option
 from bireal_jax.data.tf_env import tf, tfds
 
 
@@ -79,7 +79,7 @@ def _damaged_converted_file(manual_dir: str) -> tuple[str, str] | None:
             try:
               tf.io.decode_image(data, channels=3, expand_animations=False)
             except tf.errors.OpError as e:
-              return _archive_path("train", m.name), _tf_error_text(e)
+              return archive_path("train", m.name), tf_error_text(e)
   except (OSError, tarfile.TarError):
     return None
   return None
@@ -87,36 +87,36 @@ def _damaged_converted_file(manual_dir: str) -> tuple[str, str] | None:
 
 def imagenet_builder(config):
   """The prepared tfds `imagenet2012` builder, preparing it from manual_dir the first time."""
-  return _imagenet_builder_cached(_get(config, "data_dir"), _get(config, "manual_dir"))
+  return _imagenet_builder_cached(get_option(config, "data_dir"), get_option(config, "manual_dir"))
 
 
-def _imagenet_sizes(builder) -> dict[str, int]:
+def imagenet_sizes(builder) -> dict[str, int]:
   return {name: info.num_examples for name, info in builder.info.splits.items()}
 
 
-def _archive_path(split: str, file_name: str) -> str:
+def archive_path(split: str, file_name: str) -> str:
   archive = _SPLIT_ARCHIVES.get(split, split)
   if split == "train":  # the train tar holds one tar per synset: n01440764.tar/n01440764_*.JPEG
     return f"{archive}/{file_name.split('_')[0]}.tar/{file_name}"
   return f"{archive}/{file_name}"
 
 
-def _tf_error_text(e: BaseException) -> str:
+def tf_error_text(e: BaseException) -> str:
   msg = getattr(e, "message", None) or str(e)
   msg = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", msg)
   msg = re.sub(r"\s*\[Op:\w+\](\s*name:\s*\S*)?", "", msg)
   return " ".join(msg.split()) or type(e).__name__
 
 
-def _read_options():
+def read_options():
   opts = tf.data.Options()
   opts.deterministic = True
   return opts
 
 
-def _imagenet_read(builder, split: str, *, shuffle_seed: int | None):
+def read_examples(builder, split: str, *, shuffle_seed: int | None):
   return builder.as_dataset(
       split=split, shuffle_files=shuffle_seed is not None,
       decoders={"image": tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False,
-                                  skip_prefetch=True, options=_read_options()))
+                                  skip_prefetch=True, options=read_options()))

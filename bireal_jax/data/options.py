@@ -20,31 +20,31 @@ class DatasetInfo:
   eval_split: str
 
 
-def _dataset(config) -> str:
+def dataset_name(config) -> str:
   name = config.get("dataset")
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
   return name
 
 
-def _get(config, key: str):
+def get_option(config, key: str):
   # Defaults and their documentation live in bireal_jax.config, one place for every job.
   return config_lib.data_option(config, key)
 
 
-def _image_size(config) -> int:
-  size = int(_get(config, "image_size"))
+def image_size_of(config) -> int:
+  size = int(get_option(config, "image_size"))
   if size < 1:
     raise ValueError(f"image_size={size}; expected a positive int")
   return size
 
 
-def _prefetch(config) -> int:
-  p = int(_get(config, "prefetch"))
+def prefetch_of(config) -> int:
+  p = int(get_option(config, "prefetch"))
   return tf.data.AUTOTUNE if p < 0 else p
 
 
-def _processes(process_index, process_count) -> tuple[int, int]:
+def resolve_processes(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # only for the defaults; the pipeline itself never touches JAX
     process_index = jax.process_index() if process_index is None else process_index
@@ -55,7 +55,7 @@ def _processes(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
-def _check_batch_size(batch_size: int) -> int:
+def check_batch_size(batch_size: int) -> int:
   if int(batch_size) < 1:
     raise ValueError(f"batch_size={batch_size}; expected a positive int (per process)")
   return int(batch_size)

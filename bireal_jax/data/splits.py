@@ -49,12 +49,12 @@ def shard_range(start: int, end: int, index: int, count: int,
   return a, a + per + (index < rem)
 
 
-def _eval_batches(num_examples: int, count: int, batch_size: int) -> int:
+def eval_batch_count(num_examples: int, count: int, batch_size: int) -> int:
   # The largest shard decides, so every process runs the same number of eval steps.
   return max(1, math.ceil(math.ceil(num_examples / count) / batch_size))
 
 
-def _good_ranges(start: int, end: int, bad, lo: int, hi: int) -> list[tuple[int, int]]:
+def good_ranges(start: int, end: int, bad, lo: int, hi: int) -> list[tuple[int, int]]:
   """[a, b) index ranges holding the lo-th to (hi-1)-th good image of [start, end).
 
   `bad`: sorted indices left out. With none, this is [(start + lo, start + hi)].
@@ -69,6 +69,6 @@ def _good_ranges(start: int, end: int, bad, lo: int, hi: int) -> list[tuple[int,
   return out
 
 
-def _split_of(name: str, ranges, at: int) -> str:
+def split_of(name: str, ranges, at: int) -> str:
   """tfds split string of index ranges ("train[0:5]+train[6:9]"), `name[at:at]` when empty."""
   return "+".join(f"{name}[{a}:{b}]" for a, b in ranges) if ranges else f"{name}[{at}:{at}]"
