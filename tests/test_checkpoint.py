@@ -7,7 +7,6 @@ independent of dataset files; the CLI tests run the same paths on Fashion-MNIST.
 import errno
 import json
 import os
-import tempfile
 
 import jax
 import numpy as np
@@ -15,41 +14,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bireal_jax import checkpoint, train
-from bireal_jax import config as config_lib
-
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), f"bireal_jax_test_xla_cache_{os.getuid()}"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+import tiny_training  # tests/tiny_training.py (also sets the XLA compilation cache)
+from cli import saved_steps  # tests/cli.py
 
 
 def tiny_config(**kw):
-  c = config_lib.get_default_config()
-  c.dataset = "synthetic"
-  c.image_size = 8
-  c.model = "bireal18"
-  c.stage_sizes = (1, 1)
-  c.base_width = 4
-  c.stem = "small"
-  c.batch_size = 32
-  c.eval_batch_size = 40
-  c.num_train_steps = 12
-  c.learning_rate = 1e-2
-  c.lr_schedule = "cosine"
-  c.checkpoint_every_steps = 4
-  c.log_every_steps = 4
-  c.eval_every_epochs = 100.0
-  c.progress_bar = False
-  c.tensorboard = False
-  c.export_inference = False
-  for k, v in kw.items():
-    c[k] = v
-  config_lib.validate(c)
-  return c
-
-
-def saved_steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+  """tiny_training's tiny model, saving every 4 of 12 steps, no periodic eval."""
+  return tiny_training.tiny_config(**{"num_train_steps": 12, "checkpoint_every_steps": 4,
+                                      "log_every_steps": 4, "eval_every_epochs": 100.0, **kw})
 
 
 def load_state(workdir, step=None):
