@@ -106,7 +106,9 @@ def _read_lines(path: str) -> list[str]:
     return f.read().strip().splitlines()
 
 
-def _image(rng: np.random.Generator, color: tuple[int, int], height: int, width: int) -> np.ndarray:
+def synthetic_photo(rng: np.random.Generator, color: tuple[int, int], height: int,
+                    width: int) -> np.ndarray:
+  """uint8 [height, width, 3]: a red ramp, green and blue from `color`, and noise."""
   ramp = np.linspace(0, 255, width)[None, :].repeat(height, 0)
   img = np.empty((height, width, 3), np.float64)
   img[..., 0] = ramp
@@ -116,7 +118,8 @@ def _image(rng: np.random.Generator, color: tuple[int, int], height: int, width:
   return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def _jpeg(img: np.ndarray, grayscale: bool = False) -> bytes:
+def jpeg_bytes(img: np.ndarray, grayscale: bool = False) -> bytes:
+  """`img` encoded as a JPEG (quality 95), optionally as a one-channel grayscale JPEG."""
   # Through the pipeline module: it hides accelerators from TensorFlow before first use.
   from bireal_jax.data.tf_env import tf
   if grayscale:
@@ -128,7 +131,8 @@ def _odd_bytes(kind: str, shape: tuple[int, int], rng: np.random.Generator
                ) -> tuple[bytes, tuple[int, int, int] | None]:
   """(encoded file, RGB it decodes to or None) for an odd `kind`."""
   if kind in ("truncated", "truncated_listed", "val_truncated"):
-    data = _jpeg(_image(rng, _PALETTE[0], *shape))  # noisy: the cut lands in entropy-coded data
+    # noisy: the cut lands in entropy-coded data
+    data = jpeg_bytes(synthetic_photo(rng, _PALETTE[0], *shape))
     return data[:len(data) // 2], None
   if kind == "garbage":
     return b"<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n", None
@@ -202,7 +206,7 @@ def write_imagenet_archives(manual_dir: str, *, num_val: int = 4, train_per_clas
       fname = f"{s}_{k + 1}.JPEG"
       is_gray = c == 0 and k == 0
       members.setdefault(s, []).append(
-          (fname, _jpeg(_image(rng, color[s], *shape(k)), grayscale=is_gray)))
+          (fname, jpeg_bytes(synthetic_photo(rng, color[s], *shape(k)), grayscale=is_gray)))
       train_files[fname] = index[s]
       if is_gray:
         gray.append(fname)
@@ -229,7 +233,8 @@ def write_imagenet_archives(manual_dir: str, *, num_val: int = 4, train_per_clas
   val_files, val_members = {}, []
   for k in reversed(range(num_val)):  # drawn last to first, as the fixture always has
     fname = f"ILSVRC2012_val_{k + 1:08d}.JPEG"
-    val_members.insert(0, (fname, _jpeg(_image(rng, color[val_synsets[k]], *shape(k)))))
+    photo = synthetic_photo(rng, color[val_synsets[k]], *shape(k))
+    val_members.insert(0, (fname, jpeg_bytes(photo)))
     val_files[fname] = index[val_synsets[k]]
   for j, kind in enumerate(val_odd):
     k = num_val + j

@@ -456,10 +456,10 @@ SCALED_MEAN, SCALED_P99 = 1.5, 6.0
 def test_uint8_pixels_match_the_float_pipeline(hw, size, scaled):
   import tensorflow as tf
   rng = np.random.default_rng(1)
-  encoded = [fx._jpeg(fx._image(rng, (40, 215), *hw)),
-             fx._jpeg(fx._image(rng, (215, 40), *hw[::-1]))]
+  encoded = [fx.jpeg_bytes(fx.synthetic_photo(rng, (40, 215), *hw)),
+             fx.jpeg_bytes(fx.synthetic_photo(rng, (215, 40), *hw[::-1]))]
   if not scaled:
-    encoded.append(tf.io.encode_png(fx._image(rng, (128, 40), *hw)).numpy())
+    encoded.append(tf.io.encode_png(fx.synthetic_photo(rng, (128, 40), *hw)).numpy())
   train, evals = [], []
   for e in encoded:
     for s in range(12):
