@@ -1,7 +1,6 @@
 """oneDNN convolutions (jax.ffi custom calls, CPU only) against `lax.conv_general_dilated`:
 values, input and kernel gradients, under jit/pmap/vmap, and how the layers choose them. (The
 C++ XOR binary-conv forward, `bireal_jax.ops.cpu.xor`: test_xor_kernel.py.)"""
-import json
 import os
 import subprocess
 import sys
@@ -270,8 +269,7 @@ def _cache_in(tmp_path, monkeypatch):
   monkeypatch.setenv("BIREAL_AUTOTUNE_MIN_WORK", "0")
   monkeypatch.setenv("BIREAL_AUTOTUNE_ROUNDS", "1")
   monkeypatch.delenv("BIREAL_AUTOTUNE_CACHE", raising=False)
-  autotune._MEMO.clear()
-  autotune._DISK.clear()
+  autotune.clear_cache()
 
 
 @pytest.mark.parametrize("amx", ["0", "1"])
@@ -287,21 +285,18 @@ def test_auto_times_the_bf16_candidates_only_with_amx(amx, tmp_path, monkeypatch
              "packed_conv2d": ((x, bitops.pack_kernel(_rand((3, 3, 64, 64), 2)), jnp.ones(64),
                                 jnp.zeros(64)), dict(stride=1, pad=1))}
     for op, (arrays, statics) in cases.items():
-      pick = autotune._pick(op, arrays, statics, train=False)
-      table = json.loads(autotune._cache_file().read_text())
-      entry = table[autotune._key(op, arrays, statics, False)]
-      assert entry["pick"] == pick
+      pick = autotune.pick(op, arrays, statics)  # times the candidates, writes the cache
+      entry = autotune.stored_timings(op, arrays, statics)
+      assert entry is not None and entry["pick"] == pick
       assert ("onednn_bf16" in entry["ms"]) == (amx == "1"), entry
       assert "reference" in entry["ms"]
-      autotune._MEMO.clear()
-      autotune._DISK.clear()
+      autotune.clear_cache()
       (tmp_path / "autotune").rename(tmp_path / f"autotune-{op}")  # explain: nothing cached
       with ops.implementation("auto"):
         said = ops.explain(lambda *a: getattr(ops, op)(*a, **statics), *arrays)
       assert ("onednn_bf16" in said) == (amx == "1"), said
   finally:
-    autotune._MEMO.clear()
-    autotune._DISK.clear()
+    autotune.clear_cache()
 
 
 def test_bf16_candidates_run_by_name_on_this_cpu():

@@ -297,6 +297,19 @@ def cached_picks() -> dict:
     return dict(_MEMO)
 
 
+def stored_timings(op: str, arrays, statics, train: bool = False) -> dict | None:
+  """The autotune cache file's entry for these operands, read from disk now: {'pick': name,
+  'ms': {candidate: milliseconds}}; None when there is none or the cache is off."""
+  path = _cache_file()
+  if path is None:
+    return None
+  try:
+    table = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  return table.get(_key(op, arrays, statics, train))
+
+
 def clear_cache() -> None:
   """Forget this process's picks and the disk cache tables read so far (the files stay): the next
   `auto` call reads the disk cache again, or times."""
