@@ -11,6 +11,9 @@ and prints img/s and CPU ms per image (user + sys of the process) per function a
   sat_<n>      ScaleAndTranslate (tf.image.resize antialias=True's kernel) of a random n x n
                uint8 image to 224x224, float32, rounded to uint8
   bilinear_<n> ResizeBilinear (half-pixel centres, no antialiasing) of the same
+  op_<n>       the compiled resize op (bireal_jax/data/resize_op.py) of the same, uint8 out
+               (what sat_<n> gives); absent where it cannot be built. train and eval use it
+               unless BIREAL_RESIZE=tf.
 
 Needs the archives bench_input.py prepared (--workdir).
 
@@ -27,7 +30,7 @@ import machine  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bireal_jax import input_pipeline as ip  # noqa: E402
-from bireal_jax.data import augment  # noqa: E402
+from bireal_jax.data import augment, resize_op  # noqa: E402
 from bireal_jax.data.imagenet import _pipeline_options  # noqa: E402
 
 tf = ip.tf
@@ -39,6 +42,9 @@ def _last(x):
 
 def _resize(kind, side):
   def fn(image):
+    if kind == "op":
+      return _last(resize_op.resize_region_op()(image, tf.constant([0.0, 0.0, side, side]),
+                                                tf.constant([224, 224])))
     if kind == "sat":
       x = tf.raw_ops.ScaleAndTranslate(
           images=tf.cast(image, tf.float32)[None], size=[224, 224],
@@ -89,13 +95,15 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   arrays = {n: tf.constant(rng.integers(0, 256, (32, n, n, 3), dtype=np.uint8))
             for n in (150, 300)}
-  print(f"{len(files)} files from {args.sizes}; CPU ms per image (img/s on all cores)")
+  print(f"{len(files)} files from {args.sizes}; CPU ms per image (img/s on all cores); train "
+        f"and eval resize with "
+        f"{'the compiled op' if resize_op.resize_region_op() else 'ScaleAndTranslate'}")
   for r in range(args.rounds):
     row = []
     for name, fn in jpeg.items():
       rate, ms = _rate(enc, fn, 2)
       row.append(f"{name} {ms:.2f} ({rate:.0f})")
-    for kind in ("sat", "bilinear"):
+    for kind in ("sat", "bilinear") + (("op",) if resize_op.resize_region_op() else ()):
       for n, a in arrays.items():
         f = _resize(kind, n)
         rate, ms = _rate(a, lambda e, i, f=f: f(e), 20)

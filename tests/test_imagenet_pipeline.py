@@ -476,3 +476,95 @@ def test_uint8_pixels_match_the_float_pipeline(hw, size, scaled):
           d.mean(), np.percentile(d, 99), d.max())
     else:
       assert d.max() <= EXACT_MAX, d.max()
+
+
+# ------------------------------------------------------------------ the compiled resize op
+
+def _resize_both(monkeypatch, cases):
+  """`augment._resize_region` of each (image, region, out_hw) with the compiled op, then with
+  ScaleAndTranslate (BIREAL_RESIZE=tf)."""
+  import tensorflow as tf
+  from bireal_jax.data import augment, resize_op
+
+  def run():
+    resize_op.reset()
+    return [augment._resize_region(tf.constant(image), *[tf.constant(v, tf.float32) for v in r],
+                                   hw).numpy() for image, r, hw in cases]
+
+  monkeypatch.delenv("BIREAL_RESIZE", raising=False)
+  if resize_op.resize_region_op() is None:
+    pytest.skip("the resize op could not be built here (see the log)")
+  got = run()
+  monkeypatch.setenv("BIREAL_RESIZE", "tf")
+  want = run()
+  monkeypatch.delenv("BIREAL_RESIZE")
+  resize_op.reset()
+  return got, want
+
+
+def test_resize_op_equals_scale_and_translate(monkeypatch):
+  """Within 1 level everywhere and equal on >= 99.9 % of values (the float sums may round
+  differently), over random images, regions (whole, inner with margins, fractional, smaller
+  and larger than the output, 1-pixel images) and output sizes (square or not)."""
+  rng = np.random.default_rng(22)
+  cases = []
+  for i in range(48):
+    ih, iw = rng.integers(1, 400, 2) if i % 8 else (1, rng.integers(1, 50))
+    image = rng.integers(0, 256, (ih, iw, 3), dtype=np.uint8)
+    if i % 2:  # smooth content: values between the extremes, where rounding is tested
+      image = np.clip(np.cumsum(image.astype(np.int32) - 127, axis=1) // 6 + 128, 0,
+                      255).astype(np.uint8)
+    out_hw = tuple(int(v) for v in rng.integers(1, 260, 2)) if i % 3 else (224, 224)
+    kind = i % 4
+    if kind == 0:  # the whole image
+      region = (0.0, 0.0, float(ih), float(iw))
+    elif kind == 1:  # an integer window inside, the rest a margin
+      h, w = rng.integers(1, ih + 1), rng.integers(1, iw + 1)
+      region = (float(rng.integers(0, ih - h + 1)), float(rng.integers(0, iw - w + 1)),
+                float(h), float(w))
+    else:  # fractional, as eval's centre crop in the decoded window's pixels
+      h, w = rng.uniform(0.5, ih), rng.uniform(0.5, iw)
+      region = (rng.uniform(0, ih - h), rng.uniform(0, iw - w), h, w)
+    cases.append((image, region, out_hw))
+  got, want = _resize_both(monkeypatch, cases)
+  exact = total = 0
+  for g, w, (image, region, out_hw) in zip(got, want, cases):
+    assert g.dtype == np.uint8 and g.shape == w.shape == (*out_hw, 3), (g.shape, region)
+    d = np.abs(g.astype(np.int32) - w)
+    assert d.max() <= 1, (image.shape, region, out_hw, d.max())
+    exact += int((d == 0).sum())
+    total += d.size
+  assert exact >= 0.999 * total, exact / total
+
+
+def test_resize_op_fallback_when_forced_or_the_build_fails(monkeypatch, tmp_path, caplog):
+  import tensorflow as tf
+  from bireal_jax.data import augment, resize_op
+
+  def op_types():
+    fn = tf.function(lambda x: augment._resize_region(x, 1.0, 2.0, 30.0, 40.0, (16, 24)))
+    graph = fn.get_concrete_function(tf.TensorSpec([50, 60, 3], tf.uint8)).graph
+    types = {op.type for op in graph.get_operations()}
+    for f in graph.as_graph_def().library.function:  # the cond's branches
+      types |= {n.op for n in f.node_def}
+    return types
+
+  monkeypatch.setenv("BIREAL_RESIZE", "tf")
+  resize_op.reset()
+  assert resize_op.resize_region_op() is None
+  assert "ScaleAndTranslate" in op_types() and "BirealResizeRegion" not in op_types()
+  # A build that fails (here a compiler that always fails, into an empty cache) falls back too,
+  # saying why.
+  monkeypatch.delenv("BIREAL_RESIZE")
+  monkeypatch.setenv("BIREAL_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "false")
+  resize_op.reset()
+  with caplog.at_level("WARNING"):
+    assert resize_op.resize_region_op() is None
+  assert any("resize op not used" in r.getMessage() and "failed" in r.getMessage()
+             for r in caplog.records)
+  assert "ScaleAndTranslate" in op_types()
+  image = np.random.default_rng(0).integers(0, 256, (50, 60, 3), dtype=np.uint8)
+  got = augment._resize_region(tf.constant(image), 1.0, 2.0, 30.0, 40.0, (16, 24)).numpy()
+  assert got.dtype == np.uint8 and got.shape == (16, 24, 3)
+  resize_op.reset()
