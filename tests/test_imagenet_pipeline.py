@@ -135,6 +135,26 @@ def test_eval_pads_masks_and_keeps_labels_with_images(tiny):
   assert sorted(labels) == sorted(fixture.val_files.values())
 
 
+def test_eval_passes_are_whole_after_an_unfinished_one_and_side_by_side(tiny):
+  """Evaluations read from an iterator kept between passes: each pass is the whole split from
+  its first batch, whether the previous evaluation stopped early or one runs beside another."""
+  _, cfg = tiny
+  ip.clear_caches()
+  one = lambda: ip.create_eval_iter(cfg, batch_size=3, process_index=0, process_count=1)  # noqa: E731
+  first = list(one())
+  early = one()
+  next(early)  # left after one batch
+  outer = one()
+  a = [next(outer)]
+  inner = list(one())  # a whole evaluation while `outer` is open
+  a += list(outer)
+  for got in (list(one()), inner, a, list(one())):
+    assert len(got) == len(first)
+    for x, y in zip(first, got):
+      for k in ("image", "label", "mask"):
+        np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_eval_resize_and_centre_crop_match_torchvision_semantics(tiny):
   Image = pytest.importorskip("PIL.Image", reason="pillow is the reference implementation")
   fixture, cfg = tiny

@@ -98,6 +98,9 @@ def _load():
     return re.sub(r"\s+", " ", str(e))[:2000] or type(e).__name__
 
 
+# Called while tf.data traces the map function: AutoGraph must not try to convert the build
+# (a subprocess, file checks), which it cannot and would warn about at length.
+@tf.autograph.experimental.do_not_convert
 def resize_region_op():
   """`fn(image, region, size)`: uint8 [H, W, 3], float32 (top, left, height, width), int32
   (out_h, out_w) -> uint8 [out_h, out_w, 3], or None (the reason logged once)."""
