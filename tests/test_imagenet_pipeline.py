@@ -136,8 +136,8 @@ def test_eval_pads_masks_and_keeps_labels_with_images(tiny):
 
 
 def test_eval_passes_are_whole_after_an_unfinished_one_and_side_by_side(tiny):
-  """Evaluations read from an iterator kept between passes: each pass is the whole split from
-  its first batch, whether the previous evaluation stopped early or one runs beside another."""
+  """Each evaluation is the whole split from its first batch, whether the previous one stopped
+  early or another runs beside it (no iterator state leaks from one evaluation to another)."""
   _, cfg = tiny
   ip.clear_caches()
   one = lambda: ip.create_eval_iter(cfg, batch_size=3, process_index=0, process_count=1)  # noqa: E731

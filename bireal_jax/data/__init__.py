@@ -97,19 +97,10 @@ from bireal_jax.data.splits import resolve_split
 # The rest of the public face, for tools and tests.
 from bireal_jax.data.augment import (  # noqa: E402,F401
     decode_rgb, imagenet_eval_image, imagenet_train_image, random_resized_crop_window)
-from bireal_jax.data import decode_check as _decode_check
-from bireal_jax.data import imagenet as _imagenet
-from bireal_jax.data.decode_check import BadImage, imagenet_bad_images  # noqa: F401
+from bireal_jax.data.decode_check import BadImage, clear_caches, imagenet_bad_images  # noqa: F401
 from bireal_jax.data.splits import shard_range  # noqa: F401
 from bireal_jax.data.tf_env import tf, tfds  # noqa: F401
 from bireal_jax.pixels import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
-
-
-def clear_caches() -> None:
-  """Forget what this process remembers between calls, as a new process would: the decode-check
-  records read, the skip warnings shown, the eval iterators kept (files on disk stay)."""
-  _decode_check.clear_caches()
-  _imagenet.clear_kept_passes()
 
 
 def dataset_info(config) -> DatasetInfo:

@@ -116,8 +116,8 @@ def imagenet_eval_iter(config, batch_size, split, pidx, pcount):
   ds = _imagenet_eval_dataset(builder, split_of(name, good_ranges(start, end, bad, a, b),
                                                  start + a),
                               size, bool(get_option(config, "cache")))
-  num_batches = eval_batch_count(num_good, pcount, batch_size)
-  it = _one_pass(ds, b - a, num_batches, batch_size, (size, size, 3), prefetch_of(config))
+  it = _pad_and_batch(ds, b - a, eval_batch_count(num_good, pcount, batch_size), batch_size,
+                      (size, size, 3), prefetch_of(config))
 
   def batches():
     with _decode_errors_explained(builder, name, f"eval of {split}"):
@@ -126,32 +126,11 @@ def imagenet_eval_iter(config, batch_size, split, pidx, pcount):
   return batches()
 
 
-# Creating a tf.data iterator costs ~0.2 s (TF instantiates the pipeline's functions again),
-# a fifth of a 400-image evaluation. So each evaluation reads one pass from an iterator kept
-# over the repeated padded pass, taken out while in use and put back only after a whole pass:
-# an evaluation left unfinished (or two at once) never shares a position with another.
-_KEPT_PASSES: dict = {}
-_MAX_KEPT = 8
-
-
-def _one_pass(ds, num_real: int, num_batches: int, batch_size: int, image_shape,
-              prefetch: int) -> Iterator[dict]:
-  key = (ds, num_real, num_batches, batch_size, tuple(image_shape), prefetch)
-  it = _KEPT_PASSES.pop(key, None)
-  if it is None:
-    pad = num_batches * batch_size - num_real
-    blank = {"image": tf.zeros(image_shape, ds.element_spec["image"].dtype),
-             "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
-    padded = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
-    it = iter(padded.batch(batch_size).repeat().prefetch(prefetch)
-              .with_options(_pipeline_options()).as_numpy_iterator())
-  for _ in range(num_batches):
-    yield next(it)
-  if len(_KEPT_PASSES) >= _MAX_KEPT:
-    _KEPT_PASSES.clear()
-  _KEPT_PASSES[key] = it
-
-
-def clear_kept_passes() -> None:
-  """Drop the eval iterators kept between evaluations (e.g. after the dataset files changed)."""
-  _KEPT_PASSES.clear()
+def _pad_and_batch(ds, num_real: int, num_batches: int, batch_size: int, image_shape,
+                   prefetch: int) -> Iterator[dict]:
+  pad = num_batches * batch_size - num_real
+  blank = {"image": tf.zeros(image_shape, ds.element_spec["image"].dtype),
+           "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
+  ds = ds.batch(batch_size).prefetch(prefetch).with_options(_pipeline_options())
+  return iter(ds.as_numpy_iterator())
