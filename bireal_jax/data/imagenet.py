@@ -65,6 +65,9 @@ def imagenet_train_iter(config, batch_size, seed, start_step, pidx, pcount):
   per_epoch = steps * batch_size
   e0, skip = divmod(int(start_step), steps)
 
+  # Traced by flat_map: AutoGraph would try (and warn about failing) to convert tfds' wrapped
+  # as_dataset; nothing here branches on tensors.
+  @tf.autograph.experimental.do_not_convert
   def epoch_examples(e):
     """Epoch `e`'s examples as (e, position, example), in its order: the split's files shuffled
     and a shuffle buffer, both seeded from (seed, process, e), in-graph, so the whole run is one

@@ -192,9 +192,6 @@ def run(config, workdir: str, *, dry_run: bool = False,
   # (and appends one line to metrics.jsonl), so it may run beside the training job.
   lock = (take_workdir_lock(config, workdir, stale_after_s=lock_stale_after_s,
                             heartbeat_s=lock_heartbeat_s) if config.mode == "train" else None)
-  # A checkpoint error was reported: Orbax's writer threads may still be failing (and printing
-  # after the error line) or, for a save given up on, retrying for many minutes.
-  leftover_writers = False
   try:
     from bireal_jax import checkpoint, train  # imports Orbax (and TensorFlow for real data)
     if jax.process_index() == 0:
@@ -208,9 +205,18 @@ def run(config, workdir: str, *, dry_run: bool = False,
     except Exception as e:
       if is_operator_error(e):
         exit_noise.after_reported_failure()
-        leftover_writers = isinstance(e, checkpoint.CheckpointError)
         where = (f" (writing under workdir {workdir})"
                  if isinstance(e, OSError) and not e.filename else "")
+        if isinstance(e, checkpoint.CheckpointError):
+          # Orbax's writer threads may still be failing (and printing tracebacks) or, for a
+          # save given up on, retrying for minutes: release the lock first, then report, then
+          # end without waiting on them, so that the error is the last line.
+          if lock is not None:
+            lock, held = None, lock
+            held.release()
+          print(f"error: {e}{where}", file=sys.stderr, flush=True)
+          sys.stdout.flush()
+          os._exit(1)
         _fail(f"{e}{where}", 1)
       if not storage.is_transient(e):
         raise  # a bug: keep its traceback
@@ -221,7 +227,3 @@ def run(config, workdir: str, *, dry_run: bool = False,
   finally:  # normal end, SIGTERM's clean stop, sys.exit and exceptions alike
     if lock is not None:
       lock.release()
-    if leftover_writers:  # the error stays the last line; nothing waits on those threads
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(1)
