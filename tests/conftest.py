@@ -190,3 +190,22 @@ def synth_dir(tmp_path_factory):
   """A folder of full-size synthetic Fashion-MNIST IDX files (fmnist_files.synthetic_split)."""
   from fmnist_files import write_synthetic_fashion_mnist  # imports the input pipeline: lazily
   return write_synthetic_fashion_mnist(str(tmp_path_factory.mktemp("fmnist")))
+
+
+@pytest.fixture
+def autotune_env(tmp_path, monkeypatch):
+  """`auto` with a fresh memory and disk cache in tmp_path, timing every op (no work threshold),
+  one round. The compiled C++ libraries are linked in from the real cache (no rebuild)."""
+  from bireal_jax.ops import autotune
+  from bireal_jax.ops.cpu import build, onednn, xor
+  onednn.available(), xor.available()  # built (and loaded) in the real cache first
+  real = build.cache_dir()
+  for lib in real.glob("*.so"):
+    (tmp_path / lib.name).symlink_to(lib)
+  monkeypatch.setenv("BIREAL_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("BIREAL_AUTOTUNE_MIN_WORK", "0")
+  monkeypatch.setenv("BIREAL_AUTOTUNE_ROUNDS", "1")
+  monkeypatch.delenv("BIREAL_AUTOTUNE_CACHE", raising=False)
+  autotune.clear_cache()
+  yield tmp_path
+  autotune.clear_cache()

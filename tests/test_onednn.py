@@ -15,7 +15,7 @@ from jax import lax
 from bireal_jax import deploy, layers, models, ops
 from bireal_jax.ops import autotune
 from bireal_jax.ops import bits as bitops
-from bireal_jax.ops.cpu import build, onednn, xor
+from bireal_jax.ops.cpu import build, onednn
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="oneDNN convolutions are CPU-only"),
@@ -259,24 +259,11 @@ def test_bf16_conv_of_pm1_operands_is_exact():
     onednn.conv2d_bf16(x, k, (1, 1), ((1, 1), (1, 1)))
 
 
-def _cache_in(tmp_path, monkeypatch):
-  """`auto` with a fresh memory and disk cache in tmp_path (the built libraries linked in),
-  timing every op, one round."""
-  onednn.available(), xor.available()
-  for lib in build.cache_dir().glob("*.so"):
-    (tmp_path / lib.name).symlink_to(lib)
-  monkeypatch.setenv("BIREAL_JAX_CACHE", str(tmp_path))
-  monkeypatch.setenv("BIREAL_AUTOTUNE_MIN_WORK", "0")
-  monkeypatch.setenv("BIREAL_AUTOTUNE_ROUNDS", "1")
-  monkeypatch.delenv("BIREAL_AUTOTUNE_CACHE", raising=False)
-  autotune.clear_cache()
-
-
 @pytest.mark.parametrize("amx", ["0", "1"])
-def test_auto_times_the_bf16_candidates_only_with_amx(amx, tmp_path, monkeypatch):
+def test_auto_times_the_bf16_candidates_only_with_amx(amx, autotune_env, monkeypatch):
   """BIREAL_AMX=1 stands in for an AMX CPU: then `auto` times `onednn_bf16` beside the others
   (real timings, read back from its disk cache) and `explain` lists it; with 0 it does neither."""
-  _cache_in(tmp_path, monkeypatch)
+  tmp_path = autotune_env  # conftest.py: a fresh autotune cache
   monkeypatch.setenv("BIREAL_AMX", amx)
   try:
     x = _rand((1, 8, 8, 64), 0)

@@ -26,7 +26,7 @@ from op_cases import auto_cases, auto_workload, bn_operands, conv_operands  # te
 
 from bireal_jax import layers, models, ops
 from bireal_jax.ops import autotune, reference
-from bireal_jax.ops.cpu import build, onednn, xor
+from bireal_jax.ops.cpu import onednn
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
                                 reason="the candidates besides the reference are CPU-only")
@@ -333,23 +333,6 @@ def test_batch_norm_train_over_replicas_equals_the_whole_batch(name):
 # ------------------------------------------------------------------------------------------------
 # auto
 # ------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def autotune_env(tmp_path, monkeypatch):
-  """`auto` with a fresh memory and disk cache in tmp_path, timing every op (no work threshold),
-  one round. The compiled C++ libraries are linked in from the real cache (no rebuild)."""
-  onednn.available(), xor.available()  # built (and loaded) in the real cache first
-  real = build.cache_dir()
-  for lib in real.glob("*.so"):
-    (tmp_path / lib.name).symlink_to(lib)
-  monkeypatch.setenv("BIREAL_JAX_CACHE", str(tmp_path))
-  monkeypatch.setenv("BIREAL_AUTOTUNE_MIN_WORK", "0")
-  monkeypatch.setenv("BIREAL_AUTOTUNE_ROUNDS", "1")
-  monkeypatch.delenv("BIREAL_AUTOTUNE_CACHE", raising=False)
-  autotune.clear_cache()
-  yield tmp_path
-  autotune.clear_cache()
-
 
 def _memo_entries():
   """[(op, arrays as ShapeDtypeStructs, statics, mode, pick)] of `auto`'s in-memory picks."""

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from bireal_jax.cache import cache_dir, cpu_id
 from bireal_jax.data.tf_env import tf
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,6 @@ _BUILD_TIMEOUT_S = 600
 _state: dict = {}  # "op": the loaded function or None, once decided
 
 
-def cache_dir() -> Path:
-  return Path(os.environ.get("BIREAL_JAX_CACHE", Path.home() / ".cache" / "bireal_jax"))
-
-
-def _cpu_id() -> str:
-  try:
-    info = Path("/proc/cpuinfo").read_text()
-    return "\n".join(sorted({l for l in info.splitlines()
-                              if l.startswith(("model name", "flags"))}))
-  except OSError:
-    import platform
-    return platform.processor() + platform.machine()
-
-
 def _command(out: Path) -> list[str]:
   # TF's flags after ours: its -std and ABI define must win; its link flags after the source.
   return [os.environ.get("CXX", "g++"), *_FLAGS, *tf.sysconfig.get_compile_flags(), str(SOURCE),
@@ -60,7 +47,7 @@ def _command(out: Path) -> list[str]:
 
 def library_path() -> Path:
   key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_command(Path("x.so"))).encode()
-                       + tf.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
+                       + tf.__version__.encode() + cpu_id().encode()).hexdigest()[:16]
   return cache_dir() / f"resize_op-{key}.so"
 
 

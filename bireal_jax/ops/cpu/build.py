@@ -23,24 +23,11 @@ from typing import Mapping, Sequence
 
 import jax
 
+from bireal_jax.cache import cache_dir, cpu_id
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-
-
-def cache_dir() -> Path:
-  return Path(os.environ.get("BIREAL_JAX_CACHE", Path.home() / ".cache" / "bireal_jax"))
-
-
-def cpu_id() -> str:
-  """The CPU's model name and feature flags (Linux), else what `platform` knows."""
-  try:
-    info = Path("/proc/cpuinfo").read_text()
-    return "\n".join(sorted({l for l in info.splitlines()
-                              if l.startswith(("model name", "flags"))}))
-  except OSError:
-    import platform
-    return platform.processor() + platform.machine()
 
 
 def cpu_flags() -> set:
