@@ -4,7 +4,10 @@ backend (`ops/cpu/build.py`) and the input pipeline (`data/resize_op.py`) use it
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 from pathlib import Path
+from typing import Optional, Sequence
 
 
 def cache_dir() -> Path:
@@ -21,3 +24,16 @@ def cpu_id() -> str:
   except OSError:
     import platform
     return platform.processor() + platform.machine()
+
+
+def compile_library(out: Path, cmd: Sequence[str], timeout_s: Optional[float] = None) -> None:
+  """Runs the compiler command `cmd` (`-o` appended) into `out` atomically: concurrent test
+  workers or processes may build the same library at once. RuntimeError with its stderr."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    tmp_out = Path(tmp) / out.name
+    proc = subprocess.run([*cmd, "-o", str(tmp_out)], capture_output=True, text=True,
+                          timeout=timeout_s)
+    if proc.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    os.replace(tmp_out, out)

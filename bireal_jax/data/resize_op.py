@@ -18,11 +18,9 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
-from bireal_jax.cache import cache_dir, cpu_id
+from bireal_jax.cache import cache_dir, compile_library, cpu_id
 from bireal_jax.data.tf_env import tf
 
 log = logging.getLogger(__name__)
@@ -39,28 +37,16 @@ _BUILD_TIMEOUT_S = 600
 _state: dict = {}  # "op": the loaded function or None, once decided
 
 
-def _command(out: Path) -> list[str]:
+def _command() -> list[str]:
   # TF's flags after ours: its -std and ABI define must win; its link flags after the source.
   return [os.environ.get("CXX", "g++"), *_FLAGS, *tf.sysconfig.get_compile_flags(), str(SOURCE),
-          "-o", str(out), *tf.sysconfig.get_link_flags()]
+          *tf.sysconfig.get_link_flags()]
 
 
 def library_path() -> Path:
-  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_command(Path("x.so"))).encode()
+  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_command()).encode()
                        + tf.__version__.encode() + cpu_id().encode()).hexdigest()[:16]
   return cache_dir() / f"resize_op-{key}.so"
-
-
-def _build(out: Path) -> None:
-  """Compiles into `out` atomically: concurrent test workers or input processes may race."""
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-    tmp_out = Path(tmp) / out.name
-    cmd = _command(tmp_out)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-    if proc.returncode != 0:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    os.replace(tmp_out, out)
 
 
 def _load():
@@ -79,7 +65,7 @@ def _load():
     path = library_path()
     if not path.exists():
       log.info("bireal_jax: compiling the resize op into %s", path)
-      _build(path)
+      compile_library(path, _command(), timeout_s=_BUILD_TIMEOUT_S)
     return tf.load_op_library(str(path)).bireal_resize_region
   except Exception as e:  # noqa: BLE001  (any failure: the pipeline goes on without the op)
     return re.sub(r"\s+", " ", str(e))[:2000] or type(e).__name__

@@ -16,14 +16,12 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
 
-from bireal_jax.cache import cache_dir, cpu_id
+from bireal_jax.cache import cache_dir, compile_library, cpu_id
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +87,9 @@ def compiler() -> str | None:
 
 def _compile(out: Path, sources: Sequence[Path], flags: Sequence[str]) -> None:
   """Builds the shared library into `out` atomically (concurrent test workers may race)."""
-  cmd = [os.environ.get("CXX", "g++"), "-O3", *_arch_flags(), "-fopenmp", "-std=c++17",
-         "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", *map(str, sources), *flags]
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-    tmp_out = Path(tmp) / out.name
-    proc = subprocess.run(cmd + ["-o", str(tmp_out)], capture_output=True, text=True)
-    if proc.returncode != 0:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    os.replace(tmp_out, out)
+  compile_library(out, [os.environ.get("CXX", "g++"), "-O3", *_arch_flags(), "-fopenmp",
+                        "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+                        *map(str, sources), *flags])
 
 
 def load(name: str, sources: Sequence[Path], targets: Mapping[str, str],
