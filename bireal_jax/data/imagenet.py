@@ -99,7 +99,7 @@ def imagenet_train_iter(config, batch_size, seed, start_step, pidx, pcount):
   return batches()
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _imagenet_eval_dataset(builder, split, size, cache):
   ds = read_examples(builder, split, shuffle_seed=None)
   if cache:
