@@ -26,7 +26,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from bireal_jax import storage
+from bireal_jax import exit_noise, storage
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,20 @@ def _manager(directory, *, keep: int = 3, every_steps: Optional[int] = None,
 _DAMAGE = re.compile(r"^\s*(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE)\b")
 
 
+def _chain(e: BaseException | None):
+  """`e` and the errors it was raised from or during, newest first."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _names_damage(e: BaseException) -> bool:
+  """Whether an error in `e`'s chain is TensorStore's damaged-data error (DATA_LOSS, ...)."""
+  return any(isinstance(x, ValueError) and _DAMAGE.match(str(x)) for x in _chain(e))
+
+
 def is_damage(e: BaseException) -> bool:
   """Whether Orbax/TensorStore's error `e` says a stored step is incomplete or corrupted
   (tensorstore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE, a missing file, unparsable JSON), as
@@ -72,15 +86,8 @@ def is_damage(e: BaseException) -> bool:
   restore fall back to an older step."""
   if storage.is_transient(e):
     return False
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, (json.JSONDecodeError, FileNotFoundError, EOFError)):
-      return True
-    if isinstance(e, ValueError) and _DAMAGE.match(str(e)):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
+  return _names_damage(e) or any(
+      isinstance(x, (json.JSONDecodeError, FileNotFoundError, EOFError)) for x in _chain(e))
 
 
 class Checkpoints:
@@ -166,6 +173,12 @@ class Checkpoints:
     `CheckpointError`; any other error raises at once: neither skips a step.
     """
     steps = sorted(self._io(self.manager.all_steps, "listing the checkpoints"), reverse=True)
+    if steps:
+      # A damaged step's failed read leaves TensorStore callbacks aimed at Orbax's closed event
+      # loop and sibling read tasks failing on the same files, each printing a traceback (~100
+      # lines around the damage warning), some while the read is still failing: silenced first.
+      exit_noise.drop_closed_loop_noise()
+      exit_noise.drop_unretrieved_task_errors(_names_damage)
     for i, step in enumerate(steps):
       try:
         stored = _tree_of(self._io(lambda: self.manager.item_metadata(step)["state"],

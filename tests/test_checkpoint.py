@@ -28,7 +28,11 @@ def load_state(workdir, step=None):
   """Raw stored TrainState tree (numpy) of a workdir, read with Orbax alone."""
   d = os.path.join(workdir, "checkpoints")
   step = step if step is not None else max(saved_steps(workdir))
-  return ocp.PyTreeCheckpointer().restore(os.path.join(d, str(step), "state"))
+  path = os.path.join(d, str(step), "state")
+  ckptr = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          ckptr.metadata(path).item_metadata.tree)  # no sharding to guess
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 def assert_same_tree(a, b):

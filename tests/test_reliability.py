@@ -278,6 +278,26 @@ def test_sigkill_during_async_save_resumes_from_the_last_complete_checkpoint(tmp
   print(f"killed while saving step {partial[0]} (attempt {attempt + 1}); resumed from {last}")
 
 
+def test_resume_past_a_damaged_step_prints_the_warning_and_no_tracebacks(tmp_path):
+  """A truncated newest step is reported in one warning and skipped; the failed read's leftover
+  TensorStore callbacks and sibling tasks print nothing (they printed ~100 traceback lines)."""
+  wd = str(tmp_path / "wd")
+  r = run_cli(f"--workdir={wd}", "--config.num_train_steps=20")
+  assert r.returncode == 0, r.stderr[-3000:]
+  state = os.path.join(wd, "checkpoints", "20", "state")
+  for root, _, files in os.walk(state):
+    for f in files:
+      if f not in ("_METADATA", "_CHECKPOINT_METADATA", "commit_success.txt"):
+        p = os.path.join(root, f)
+        os.truncate(p, os.path.getsize(p) // 3)
+  r = run_cli(f"--workdir={wd}", "--config.num_train_steps=30")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "checkpoint step 20 in" in r.stderr and "is damaged" in r.stderr
+  assert "Resuming from checkpoint step 10 in" in r.stdout
+  for noise in ("Traceback", "Event loop is closed", "never retrieved"):
+    assert noise not in r.stderr, r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # The lock's rules, in-process (no JAX)
 # ---------------------------------------------------------------------------------------------
