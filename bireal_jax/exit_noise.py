@@ -28,16 +28,17 @@ def drop_closed_loop_noise() -> None:
 
 
 def drop_unretrieved_task_errors(matches) -> None:
-  """Drop asyncio's 'Task exception was never retrieved' records whose exception `matches`
-  (the sibling reads of a failed restore, which the caller has already reported)."""
+  """Drop asyncio's 'Task (or Future) exception was never retrieved' records whose exception
+  `matches` (the sibling reads of a failed restore, which the caller has already reported)."""
   log = logging.getLogger("asyncio")
   if any(getattr(f, "_bireal_jax", False) for f in log.filters):
     return
 
   def keep(record):
     exc = record.exc_info[1] if record.exc_info else None
-    return not (exc is not None and record.getMessage().startswith(
-        "Task exception was never retrieved") and matches(exc))
+    return not (exc is not None and record.getMessage().split("\n", 1)[0] in (
+        "Task exception was never retrieved", "Future exception was never retrieved")
+        and matches(exc))
 
   keep._bireal_jax = True
   log.addFilter(keep)
