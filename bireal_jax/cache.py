@@ -3,6 +3,8 @@ picks), and the CPU identity those files are keyed by. Imports nothing heavy: bo
 backend (`ops/cpu/build.py`) and the input pipeline (`data/resize_op.py`) use it."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -15,6 +17,7 @@ def cache_dir() -> Path:
   return Path(os.environ.get("BIREAL_JAX_CACHE", Path.home() / ".cache" / "bireal_jax"))
 
 
+@functools.lru_cache(maxsize=None)  # read once: every library key and ISA question asks for it
 def cpu_id() -> str:
   """The CPU's model name and feature flags (Linux), else what `platform` knows."""
   try:
@@ -24,6 +27,13 @@ def cpu_id() -> str:
   except OSError:
     import platform
     return platform.processor() + platform.machine()
+
+
+def library_file(name: str, *parts: bytes) -> Path:
+  """`cache_dir()/name-KEY.so`, KEY a hash of `parts` (sources, flags, versions) and the CPU:
+  a change of any of them, or another machine sharing the home directory, builds anew."""
+  key = hashlib.sha256(b"".join(parts) + cpu_id().encode()).hexdigest()[:16]
+  return cache_dir() / f"{name}-{key}.so"
 
 
 def compile_library(out: Path, cmd: Sequence[str], timeout_s: Optional[float] = None) -> None:

@@ -4,7 +4,7 @@ others that `auto` times, on Bi-Real-18's 3×3 shapes, with `auto`'s own timer.
   .venv/bin/python experiments/bench_bf16_candidates.py [--rounds 11]
 
 `auto` times `onednn_bf16` only on AMX CPUs (`build.has_amx()`); this runs it on any CPU, so its
-speed there can be compared. Each figure is `autotune._time`'s: the minimum over interleaved
+speed there can be compared. Each figure is `autotune.measure`'s: the minimum over interleaved
 rounds of the mean of a few calls, ms, random operands (±1 and α·sign for `binary_conv2d`).
 """
 from __future__ import annotations
@@ -42,14 +42,14 @@ def main():
     x = jax.ShapeDtypeStruct((n, hw, hw, c), jnp.float32)
     bits = jax.ShapeDtypeStruct((3, 3, c // 32, c), jnp.uint32)
     v = jax.ShapeDtypeStruct((c,), jnp.float32)
-    t = autotune._time("packed_conv2d", ["reference", "xor_cpp", "onednn_bf16"],
+    t = autotune.measure("packed_conv2d", ["reference", "xor_cpp", "onednn_bf16"],
                        (x, bits, v, v, x), s1, False)
     print(f"packed_conv2d {n}x{hw}x{hw}x{c} 3x3/1 + residual: "
           + "  ".join(f"{k} {v * 1e3:.3f}" for k, v in t.items()) + " ms", flush=True)
   for n, hw, c in FLOAT:
     x = jax.ShapeDtypeStruct((n, hw, hw, c), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, c, c), jnp.float32)
-    t = autotune._time("binary_conv2d", ["reference", "onednn", "xor", "onednn_bf16"], (x, w),
+    t = autotune.measure("binary_conv2d", ["reference", "onednn", "xor", "onednn_bf16"], (x, w),
                        dict(strides=(1, 1), pads=((1, 1), (1, 1))), False)
     print(f"binary_conv2d {n}x{hw}x{hw}x{c} 3x3/1 eval: "
           + "  ".join(f"{k} {v * 1e3:.3f}" for k, v in t.items()) + " ms", flush=True)

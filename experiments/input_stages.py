@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from bireal_jax import input_pipeline as ip  # noqa: E402
 from bireal_jax.data import augment, resize_op  # noqa: E402
-from bireal_jax.data.imagenet import _pipeline_options  # noqa: E402
+from bireal_jax.data.imagenet import pipeline_options  # noqa: E402
 
 tf = ip.tf
 
@@ -60,7 +60,7 @@ def _resize(kind, side):
 def _rate(elements, fn, repeat: int):
   ds = tf.data.Dataset.from_tensor_slices(elements).enumerate().repeat(repeat)
   ds = ds.map(lambda i, e: fn(e, i), num_parallel_calls=tf.data.AUTOTUNE).batch(64).prefetch(2)
-  it = iter(ds.with_options(_pipeline_options()))
+  it = iter(ds.with_options(pipeline_options()))
   next(it)
   n, t, c = 0, time.perf_counter(), machine.cpu_seconds()
   for b in it:

@@ -196,10 +196,11 @@ def synth_dir(tmp_path_factory):
 def autotune_env(tmp_path, monkeypatch):
   """`auto` with a fresh memory and disk cache in tmp_path, timing every op (no work threshold),
   one round. The compiled C++ libraries are linked in from the real cache (no rebuild)."""
+  from bireal_jax import cache
   from bireal_jax.ops import autotune
-  from bireal_jax.ops.cpu import build, onednn, xor
+  from bireal_jax.ops.cpu import onednn, xor
   onednn.available(), xor.available()  # built (and loaded) in the real cache first
-  real = build.cache_dir()
+  real = cache.cache_dir()
   for lib in real.glob("*.so"):
     (tmp_path / lib.name).symlink_to(lib)
   monkeypatch.setenv("BIREAL_JAX_CACHE", str(tmp_path))

@@ -391,12 +391,12 @@ def test_auto_caches_picks_on_disk_for_a_later_process(autotune_env):
   for key, entry in table.items():
     assert entry["pick"] == picks[key]
     assert entry["pick"] in entry["ms"] and all(t >= 0 for t in entry["ms"].values())
-  # A second process reads every pick from the file: it times nothing (`_time` would raise) and
+  # A second process reads every pick from the file: it times nothing (`measure` would raise) and
   # logs no "ops auto:" line, which each timing writes.
   code = (f"import sys, json, logging; sys.path.insert(0, {str(TESTS)!r});"
           "logging.basicConfig(level=logging.INFO);"
           "import op_cases; from bireal_jax.ops import autotune;"
-          "autotune._time = lambda *a, **k: (_ for _ in ()).throw(AssertionError('timed'));"
+          "autotune.measure = lambda *a, **k: (_ for _ in ()).throw(AssertionError('timed'));"
           "op_cases.auto_workload(); print(json.dumps(autotune.cached_picks()))")
   out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True,
                        text=True, timeout=300, cwd=TESTS.parent)

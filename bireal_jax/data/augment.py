@@ -103,19 +103,19 @@ def _resize_region(image, top, left, height, width, out_hw):
   gives the same values but for float rounding (the op is faster still).
   """
   out_h, out_w = out_hw
+  op = resize_op.resize_region_op()
+  if op is not None:  # faster than ResizeBilinear as well (docs/speed.md), and exact
+    x = op(image, tf.stack([top, left, height, width]), tf.stack([out_h, out_w]))
+    x.set_shape([None, None, 3])
+    return x
+
   fh, fw = tf.cast(out_h, tf.float32), tf.cast(out_w, tf.float32)
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-
-  op = resize_op.resize_region_op()
 
   def to_uint8(x):
     return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
   def antialiased():
-    if op is not None:
-      x = op(image, tf.stack([top, left, height, width]), tf.stack([out_h, out_w]))
-      x.set_shape([None, None, 3])
-      return x
     scale = tf.stack([fh / height, fw / width])
     return to_uint8(tf.raw_ops.ScaleAndTranslate(
         images=tf.cast(image, tf.float32)[None], size=tf.stack([out_h, out_w]), scale=scale,
@@ -126,8 +126,6 @@ def _resize_region(image, top, left, height, width, out_hw):
     return to_uint8(tf.raw_ops.ResizeBilinear(images=image[None], size=tf.stack([out_h, out_w]),
                                               half_pixel_centers=True)[0])
 
-  if op is not None:  # faster than ResizeBilinear as well (docs/speed.md), and exact
-    return antialiased()
   whole_upsampled = ((top == 0.0) & (left == 0.0) & (height == shape[0]) & (width == shape[1])
                      & (height <= fh) & (width <= fw))
   return tf.cond(whole_upsampled, bilinear, antialiased)

@@ -16,7 +16,7 @@ from bireal_jax.data.splits import eval_batch_count, good_ranges, split_of, shar
 from bireal_jax.data.tf_env import tf
 
 
-def _pipeline_options():
+def pipeline_options():
   """As big_vision's input pipeline: each op of the per-image map runs on one thread (the map's
   parallel calls already occupy every core; op-level threads only contend with them), in a
   thread pool of this pipeline's own."""
@@ -86,7 +86,7 @@ def imagenet_train_iter(config, batch_size, seed, start_step, pidx, pcount):
   ds = ds.skip(skip * batch_size)  # read, not decoded
   ds = ds.map(image, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch_of(config))
-  it = ds.with_options(_pipeline_options()).as_numpy_iterator()
+  it = ds.with_options(pipeline_options()).as_numpy_iterator()
 
   def batches():
     step = int(start_step)
@@ -135,5 +135,5 @@ def _pad_and_batch(ds, num_real: int, num_batches: int, batch_size: int, image_s
   blank = {"image": tf.zeros(image_shape, ds.element_spec["image"].dtype),
            "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
-  ds = ds.batch(batch_size).prefetch(prefetch).with_options(_pipeline_options())
+  ds = ds.batch(batch_size).prefetch(prefetch).with_options(pipeline_options())
   return iter(ds.as_numpy_iterator())

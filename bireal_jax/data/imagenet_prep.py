@@ -18,10 +18,10 @@ _SPLIT_ARCHIVES = {"train": IMAGENET_ARCHIVES[0], "validation": IMAGENET_ARCHIVE
                    "test": "ILSVRC2012_img_test.tar"}
 
 
-# Roomy: the eval dataset and the decode-check verdict are memoised on the builder object, so an
-# evicted builder costs each later eval pass a retrace of its map function (~0.25 s; the input
-# benchmark alternates five data dirs).
-@functools.lru_cache(maxsize=16)
+# One builder per (data_dir, manual_dir) for the process's life, never evicted: the eval dataset
+# and the decode-check verdict are memoised on the builder object, so a new builder would cost
+# each later eval pass a retrace of its map function (~0.25 s) and a reread of the record.
+@functools.lru_cache(maxsize=None)
 def _imagenet_builder_cached(data_dir, manual_dir):
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
   if builder.is_prepared():

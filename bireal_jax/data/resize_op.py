@@ -13,14 +13,13 @@ pipeline uses ScaleAndTranslate, saying why once.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
-from bireal_jax.cache import cache_dir, compile_library, cpu_id
+from bireal_jax.cache import compile_library, library_file
 from bireal_jax.data.tf_env import tf
 
 log = logging.getLogger(__name__)
@@ -44,9 +43,8 @@ def _command() -> list[str]:
 
 
 def library_path() -> Path:
-  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_command()).encode()
-                       + tf.__version__.encode() + cpu_id().encode()).hexdigest()[:16]
-  return cache_dir() / f"resize_op-{key}.so"
+  return library_file("resize_op", SOURCE.read_bytes(), " ".join(_command()).encode(),
+                      tf.__version__.encode())
 
 
 def _load():

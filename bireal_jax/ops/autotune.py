@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bireal_jax import cache
 from bireal_jax import ops as _ops
 from bireal_jax.ops import geometry
 
@@ -85,7 +86,7 @@ def _machine() -> str:
   except AttributeError:
     threads = os.cpu_count() or 1
   return hashlib.sha256(b"\n".join([
-      build.cpu_id().encode(), str(threads).encode(), str(build.isa_cap()).encode(),
+      cache.cpu_id().encode(), str(threads).encode(), str(build.isa_cap()).encode(),
       str(build.has_amx()).encode(),  # BIREAL_AMX may change what auto times
       jax.__version__.encode(), os.environ.get("XLA_FLAGS", "").encode(),
       os.environ.get("BIREAL_ONEDNN", "").encode(), sources, py])).hexdigest()[:16]
@@ -94,8 +95,7 @@ def _machine() -> str:
 def _cache_file() -> Path | None:
   if os.environ.get("BIREAL_AUTOTUNE_CACHE", "1") == "0":
     return None
-  from bireal_jax.ops.cpu import build
-  return build.cache_dir() / "autotune" / f"{_machine()}.json"
+  return cache.cache_dir() / "autotune" / f"{_machine()}.json"
 
 
 def _disk_get(key: str):
@@ -163,8 +163,9 @@ def _program(op, name, statics, train: bool) -> Callable:
   return fwd_bwd
 
 
-def _time(op, names, arrays, statics, train) -> dict:
-  """Seconds per call of each candidate: min over interleaved rounds of the mean of a few runs."""
+def measure(op: str, names, arrays, statics, train: bool) -> dict:
+  """Seconds per call of each candidate `names` of `op` on these operands (what `auto` picks
+  from): min over interleaved rounds of the mean of a few runs, each compiled alone."""
   with jax.ensure_compile_time_eval():
     args = [jax.device_put(a) for a in _operands(op, arrays, statics)]
     opts = _ops.compiler_options(train)
@@ -223,7 +224,7 @@ def _pick(op, arrays, statics, train: bool) -> str:
       return _MEMO[key]
     entry = _disk_get(key)
     if entry is None or entry.get("pick") not in names:
-      times = _time(op, names, arrays, statics, train)
+      times = measure(op, names, arrays, statics, train)
       pick = min(times, key=times.get)
       entry = {"pick": pick, "ms": {n: round(t * 1e3, 4) for n, t in times.items()}}
       _disk_put(key, entry)

@@ -11,7 +11,6 @@ one), the C++ is built without AVX-512 as well, so every kernel sees the same ma
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ from typing import Mapping, Sequence
 
 import jax
 
-from bireal_jax.cache import cache_dir, compile_library, cpu_id
+from bireal_jax.cache import compile_library, cpu_id, library_file
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +73,8 @@ def headers() -> list[Path]:
 
 
 def library_path(name: str, sources: Sequence[Path], flags: Sequence[str]) -> Path:
-  key = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources, *headers()])
-                       + jax.__version__.encode()
-                       + " ".join([*_arch_flags(), *flags]).encode()
-                       + cpu_id().encode()).hexdigest()[:16]
-  return cache_dir() / f"{name}-{key}.so"
+  return library_file(name, *(p.read_bytes() for p in [*sources, *headers()]),
+                      jax.__version__.encode(), " ".join([*_arch_flags(), *flags]).encode())
 
 
 def compiler() -> str | None:

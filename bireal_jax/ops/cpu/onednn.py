@@ -134,6 +134,29 @@ def _conv_bwd(strides, pads, input_grad, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _fitted_hw(x_shape, window, strides, pads, what: str) -> tuple[int, int]:
+  """The output (height, width), or ValueError when the window (`what`) does not fit."""
+  oh, ow = out_hw(x_shape, window, strides, pads)
+  if min(oh, ow) < 1:
+    raise ValueError(f"{what} {tuple(window[:2])} with padding {pads} does not fit input "
+                     f"{tuple(x_shape[1:3])}")
+  return oh, ow
+
+
+def _conv_operands(name: str, dtype, x, kernel, strides, pads):
+  """Checks NHWC `x` and HWIO `kernel` of `dtype` for oneDNN's `name`: (int strides, int pads,
+  output (height, width))."""
+  if x.dtype != dtype or kernel.dtype != dtype:
+    raise TypeError(f"oneDNN {name} takes {jnp.dtype(dtype).name} operands, got {x.dtype} and "
+                    f"{kernel.dtype}")
+  if x.ndim != 4 or kernel.ndim != 4 or x.shape[3] != kernel.shape[2]:
+    raise ValueError(f"expected NHWC input and HWIO kernel with matching channels, got "
+                     f"{x.shape} and {kernel.shape}")
+  strides = tuple(int(v) for v in strides)
+  pads = tuple((int(a), int(b)) for a, b in pads)
+  return strides, pads, _fitted_hw(x.shape, kernel.shape, strides, pads, "kernel")
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads,
            input_grad: str = "rule") -> jax.Array:
   """`lax.conv_general_dilated(x, kernel, strides, pads, ("NHWC", "HWIO", "NHWC"))` via oneDNN.
@@ -146,16 +169,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Pads,
   """
   if input_grad not in INPUT_GRADS:
     raise ValueError(f"input_grad must be one of {INPUT_GRADS}, got {input_grad!r}")
-  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-    raise TypeError(f"oneDNN conv2d takes float32 operands, got {x.dtype} and {kernel.dtype}")
-  if x.ndim != 4 or kernel.ndim != 4 or x.shape[3] != kernel.shape[2]:
-    raise ValueError(f"expected NHWC input and HWIO kernel with matching channels, got "
-                     f"{x.shape} and {kernel.shape}")
-  strides = tuple(int(s) for s in strides)
-  pads = tuple((int(a), int(b)) for a, b in pads)
-  if min(out_hw(x.shape, kernel.shape, strides, pads)) < 1:
-    raise ValueError(f"kernel {kernel.shape[:2]} with padding {pads} does not fit input "
-                     f"{x.shape[1:3]}")
+  strides, pads, _ = _conv_operands("conv2d", jnp.float32, x, kernel, strides, pads)
   if kernel.shape[:2] == (1, 1) and strides != (1, 1) and pads == ((0, 0), (0, 0)):
     # A strided 1×1 conv reads every s-th pixel only: the same conv at stride 1 on those pixels.
     # Also avoids oneDNN 2.6's jit_1x1 kernel gradient at stride 2, which returned wrong values
@@ -171,18 +185,8 @@ def conv2d_bf16(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   other values it is a bf16 convolution. No gradient (the binary convs' candidates take theirs
   from `ops.conv2d`); call it only when `available()`. oneDNN runs it with AMX where the CPU
   has it (see `build.has_amx`), else with avx512_bf16 or a slower emulation."""
-  if x.dtype != jnp.bfloat16 or kernel.dtype != jnp.bfloat16:
-    raise TypeError(f"oneDNN conv2d_bf16 takes bfloat16 operands, got {x.dtype} and "
-                    f"{kernel.dtype}")
-  if x.ndim != 4 or kernel.ndim != 4 or x.shape[3] != kernel.shape[2]:
-    raise ValueError(f"expected NHWC input and HWIO kernel with matching channels, got "
-                     f"{x.shape} and {kernel.shape}")
-  strides = tuple(int(s) for s in strides)
-  pads = tuple((int(a), int(b)) for a, b in pads)
-  oh, ow = out_hw(x.shape, kernel.shape, strides, pads)
-  if min(oh, ow) < 1:
-    raise ValueError(f"kernel {kernel.shape[:2]} with padding {pads} does not fit input "
-                     f"{x.shape[1:3]}")
+  strides, pads, (oh, ow) = _conv_operands("conv2d_bf16", jnp.bfloat16, x, kernel, strides,
+                                           pads)
   return _call("bf16_fwd", (x.shape[0], oh, ow, kernel.shape[3]), x, kernel, strides=strides,
                pads=pads)
 
@@ -199,10 +203,7 @@ def packed_conv2d_bf16(x: jax.Array, bits: jax.Array, stride: int, pad: int) -> 
     raise ValueError(f"expected NHWC activations and bits [kh, kw, ceil(C/32), O], got "
                      f"{x.shape} and {bits.shape}")
   strides, pads = (int(stride),) * 2, ((int(pad), int(pad)),) * 2
-  oh, ow = out_hw(x.shape, bits.shape, strides, pads)
-  if min(oh, ow) < 1:
-    raise ValueError(f"kernel {bits.shape[:2]} with padding {pad} does not fit input "
-                     f"{x.shape[1:3]}")
+  oh, ow = _fitted_hw(x.shape, bits.shape, strides, pads, "kernel")
   return jax.ffi.ffi_call("bireal_onednn_packed_conv_bf16_fwd",
                           jax.ShapeDtypeStruct((x.shape[0], oh, ow, bits.shape[3]), jnp.float32),
                           vmap_method="sequential")(x, bits, **_attrs(strides, pads))
@@ -254,6 +255,5 @@ def max_pool2d(x: jax.Array, window: Sequence[int], strides: Sequence[int], pads
   if not pool_fits(window, pads):
     raise ValueError(f"window {window} with padding {pads}: expected at most 256 taps and "
                      f"padding smaller than the window")
-  if min(out_hw(x.shape, window, strides, pads)) < 1:
-    raise ValueError(f"window {window} with padding {pads} does not fit input {x.shape[1:3]}")
+  _fitted_hw(x.shape, window, strides, pads, "window")
   return _max_pool(x, window, strides, pads)
